@@ -1,0 +1,362 @@
+// merge_cpu / unmerge_cpu: S[P, Q] (+|-)= s * U[P, r] @ V[r, Q] with the element arithmetic of
+// common/merge_math.h. Parallel over storage rows; per row, column tiles of kTile accumulate the
+// r-step fma chain in a small fp32 buffer (no [P, Q] fp32 temporary), then one vectorisable pass
+// rounds, writes and flags the rare elements whose unmerge candidate differs from the original.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "../common/merge_args.h"
+#include "../common/merge_math.h"
+
+namespace pylora {
+namespace {
+
+// Register blocking of the fma chain: kRB rows x kCB columns of accumulators stay in registers for
+// the whole k loop (12 zmm with AVX-512, 12 ymm with AVX2+FMA), each V load feeding kRB fmas.
+// The vector fma is the same single-rounding fma as the scalar one, so every path gives the same bits.
+#if defined(__AVX512F__)
+constexpr int kCB = 32;
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kCB = 16;
+#else
+constexpr int kCB = 8;
+#endif
+constexpr int kRB = 6;
+constexpr int64_t kTile = 384;  // columns per tile; a multiple of kCB
+static_assert(kTile % kCB == 0, "kTile must be a multiple of kCB");
+
+// acc[i][j] = fma chain over k of U[p0 + i, k] * V[k, q0 + j], for i < RB and j in [j0, j0 + kCB).
+// v points at the packed block: v[k * kCB + j] = V[k, q], one contiguous stream over k.
+template <int RB>
+inline void accumulate_block(const float* __restrict U, int64_t r, const float* __restrict v,
+                             float (*__restrict acc)[kTile], int64_t j0) {
+#if defined(__AVX512F__)
+  __m512 a[RB][2];
+  for (int i = 0; i < RB; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < r; ++k, v += kCB) {
+    const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+    for (int i = 0; i < RB; ++i) {
+      const __m512 u = _mm512_set1_ps(U[i * r + k]);
+      a[i][0] = _mm512_fmadd_ps(u, v0, a[i][0]);
+      a[i][1] = _mm512_fmadd_ps(u, v1, a[i][1]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    _mm512_storeu_ps(acc[i] + j0, a[i][0]);
+    _mm512_storeu_ps(acc[i] + j0 + 16, a[i][1]);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 a[RB][2];
+  for (int i = 0; i < RB; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < r; ++k, v += kCB) {
+    const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+    for (int i = 0; i < RB; ++i) {
+      const __m256 u = _mm256_set1_ps(U[i * r + k]);
+      a[i][0] = _mm256_fmadd_ps(u, v0, a[i][0]);
+      a[i][1] = _mm256_fmadd_ps(u, v1, a[i][1]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    _mm256_storeu_ps(acc[i] + j0, a[i][0]);
+    _mm256_storeu_ps(acc[i] + j0 + 8, a[i][1]);
+  }
+#else
+  float a[RB][kCB] = {};
+  for (int64_t k = 0; k < r; ++k, v += kCB)
+    for (int i = 0; i < RB; ++i)
+      for (int j = 0; j < kCB; ++j) a[i][j] = mm::fma_rn(U[i * r + k], v[j], a[i][j]);
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < kCB; ++j) acc[i][j0 + j] = a[i][j];
+#endif
+}
+
+// V [r, Q] repacked so that each block of kCB columns is one contiguous [r, kCB] stream (a row-major V
+// would make the k loop jump Q floats per step and starve the loads); columns past the last full
+// block stay in V.
+struct PackedV {
+  at::Tensor blocks;  // [Q / kCB, r, kCB]
+  const float* V;     // [r, Q]
+  int64_t Q, r, full;
+};
+
+PackedV pack_v(const MergeProblem& mp) {
+  const int64_t nfull = mp.Q / kCB;
+  at::Tensor blocks = mp.V.narrow(1, 0, nfull * kCB).view({mp.r, nfull, kCB}).permute({1, 0, 2}).contiguous();
+  return PackedV{blocks, mp.V.const_data_ptr<float>(), mp.Q, mp.r, nfull * kCB};
+}
+
+// acc[i][j] = fma chain over k of U[p0 + i, k] * V[k, q0 + j] (the definition in merge_math.h), i < RB, j < n.
+template <int RB>
+inline void accumulate(const float* __restrict U, const PackedV& pv, int64_t q0, int64_t n,
+                       float (*__restrict acc)[kTile]) {
+  const int64_t r = pv.r;
+  const float* blocks = pv.blocks.const_data_ptr<float>();
+  int64_t j0 = 0;
+  for (; j0 + kCB <= n && q0 + j0 + kCB <= pv.full; j0 += kCB)
+    accumulate_block<RB>(U, r, blocks + ((q0 + j0) / kCB) * r * kCB, acc, j0);
+  for (int i = 0; i < RB; ++i) {
+    for (int64_t j = j0; j < n; ++j) {
+      float a = 0.f;
+      for (int64_t k = 0; k < r; ++k) a = mm::fma_rn(U[i * r + k], pv.V[k * pv.Q + q0 + j], a);
+      acc[i][j] = a;
+    }
+  }
+}
+
+struct NoBlockEnd {
+  void operator()(int64_t, int64_t) const {}
+};
+
+// Calls body(p, q0, n, acc_row) for every storage row p in [b, e) and column tile, with acc_row[j]
+// the fp32 LoRA product of (p, q0 + j); full blocks of kRB rows share their V loads, so the tiles
+// of a block's rows interleave; block_end(p0, nr) runs after the block of rows [p0, p0 + nr).
+template <class Body, class BlockEnd = NoBlockEnd>
+void for_each_tile(const MergeProblem& mp, const PackedV& pv, int64_t b, int64_t e, Body&& body,
+                   BlockEnd&& block_end = BlockEnd()) {
+  const float* U = mp.U.const_data_ptr<float>();
+  const int64_t Q = mp.Q, r = mp.r;
+  alignas(64) float acc[kRB][kTile];
+  for (int64_t p0 = b; p0 < e; p0 += kRB) {
+    const int64_t nr = std::min<int64_t>(kRB, e - p0);
+    for (int64_t q0 = 0; q0 < Q; q0 += kTile) {
+      const int64_t n = std::min(kTile, Q - q0);
+      if (nr == kRB) {
+        accumulate<kRB>(U + p0 * r, pv, q0, n, acc);
+      } else {
+        for (int64_t i = 0; i < nr; ++i) accumulate<1>(U + (p0 + i) * r, pv, q0, n, acc + i);
+      }
+      for (int64_t i = 0; i < nr; ++i) body(p0 + i, q0, n, acc[i]);
+    }
+    block_end(p0, nr);
+  }
+}
+
+int64_t row_grain(const MergeProblem& mp) {
+  // Enough rows per task to amortise a task (~64k elements), in whole register blocks.
+  const int64_t rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(mp.Q, 1));
+  return (rows + kRB - 1) / kRB * kRB;
+}
+
+// One worker's share of the record, for rows [row_begin, row_end).
+template <class S>
+struct Entries {
+  std::vector<int16_t> offsets;
+  std::vector<int8_t> deltas;
+  std::vector<int64_t> esc_index;
+  std::vector<typename S::bits_t> esc_bits;
+  void append(Entries& o) {
+    offsets.insert(offsets.end(), o.offsets.begin(), o.offsets.end());
+    deltas.insert(deltas.end(), o.deltas.begin(), o.deltas.end());
+    esc_index.insert(esc_index.end(), o.esc_index.begin(), o.esc_index.end());
+    esc_bits.insert(esc_bits.end(), o.esc_bits.begin(), o.esc_bits.end());
+    o.offsets.clear();
+    o.deltas.clear();
+    o.esc_index.clear();
+    o.esc_bits.clear();
+  }
+};
+
+// One worker's share of the record, for rows [row_begin, row_end), in row-major order.
+template <class S>
+struct Part : Entries<S> {
+  int64_t row_begin = 0;
+  std::vector<int32_t> counts;  // per chunk of these rows
+};
+
+// Returns the flat index of the first element whose merged value would not be finite, or -1.
+template <class S>
+int64_t first_nonfinite(const MergeProblem& mp) {
+  using bits_t = typename S::bits_t;
+  const auto* W = reinterpret_cast<const bits_t*>(mp.S.const_data_ptr());
+  const int64_t Q = mp.Q;
+  const float s = mp.s;
+  const PackedV pv = pack_v(mp);
+  std::vector<int64_t> first_of_row(mp.P, -1);
+  at::parallel_for(0, mp.P, row_grain(mp), [&](int64_t b, int64_t e) {
+    for_each_tile(mp, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
+      if (first_of_row[p] >= 0) return;
+      const bits_t* w = W + p * Q + q0;
+      for (int64_t j = 0; j < n; ++j) {
+        bool ok;
+        mm::merged<S>(w[j], s, acc[j], ok);
+        if (!ok) {
+          first_of_row[p] = p * Q + q0 + j;
+          return;
+        }
+      }
+    });
+  });
+  for (int64_t p = 0; p < mp.P; ++p)
+    if (first_of_row[p] >= 0) return first_of_row[p];
+  return -1;
+}
+
+template <class S>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const MergeProblem& mp) {
+  using bits_t = typename S::bits_t;
+  using key_t = typename S::key_t;
+  auto* W = reinterpret_cast<bits_t*>(mp.S.data_ptr());
+  const int64_t Q = mp.Q, nb = mp.chunks_per_row();
+  const float s = mp.s;
+  if (!bound_allows_merge(mp)) {
+    const int64_t bad = first_nonfinite<S>(mp);
+    if (bad >= 0) {
+      const int64_t p = bad / Q, q = bad % Q;
+      float acc = 0.f;
+      for (int64_t k = 0; k < mp.r; ++k)
+        acc = mm::fma_rn(mp.U.const_data_ptr<float>()[p * mp.r + k], mp.V.const_data_ptr<float>()[k * Q + q], acc);
+      fail_nonfinite("merge_", mp, p, q, S::to_f(W[bad]), acc);
+    }
+  }
+
+  const PackedV pv = pack_v(mp);
+  std::vector<Part<S>> parts;
+  std::mutex parts_mutex;
+  at::parallel_for(0, mp.P, row_grain(mp), [&](int64_t b, int64_t e) {
+    Part<S> part;
+    part.row_begin = b;
+    part.counts.assign((e - b) * nb, 0);
+    alignas(64) bits_t ybuf[kTile];
+    alignas(64) uint8_t flag[kTile];
+    Entries<S> row_entries[kRB];  // a block's rows interleave by tile: stage per row, flush in row order
+    for_each_tile(mp, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
+      bits_t* w = W + p * Q + q0;
+      uint8_t any = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        bool ok;
+        const bits_t y = mm::merged<S>(w[j], s, acc[j], ok);
+        const bits_t c = mm::unmerged<S>(y, s, acc[j]);
+        ybuf[j] = y;
+        flag[j] = static_cast<uint8_t>(c != w[j]);
+        any |= flag[j];
+      }
+      if (any) {
+        for (int64_t j8 = 0; j8 < n; j8 += 8) {
+          uint64_t word = 0;  // flag bytes past n are stale: bounded by the j < n test below
+          std::memcpy(&word, flag + j8, 8);
+          if (word == 0) continue;
+          for (int64_t j = j8; j < std::min(n, j8 + 8); ++j) {
+            if (!flag[j]) continue;
+            const bits_t c = mm::unmerged<S>(ybuf[j], s, acc[j]);
+            const key_t d = S::key(w[j]) - S::key(c);
+            const int64_t q = q0 + j;
+            Entries<S>& out = row_entries[(p - b) % kRB];
+            if (d >= -mm::kMaxDelta && d <= mm::kMaxDelta) {
+              part.counts[(p - b) * nb + q / mm::kChunk] += 1;
+              out.offsets.push_back(static_cast<int16_t>(static_cast<uint16_t>(q % mm::kChunk)));
+              out.deltas.push_back(static_cast<int8_t>(d));
+            } else {
+              out.esc_index.push_back(p * Q + q);
+              out.esc_bits.push_back(w[j]);
+            }
+          }
+        }
+      }
+      std::copy(ybuf, ybuf + n, w);
+    }, [&](int64_t, int64_t nr) {
+      for (int64_t i = 0; i < nr; ++i) part.append(row_entries[i]);
+    });
+    std::lock_guard<std::mutex> lock(parts_mutex);
+    parts.push_back(std::move(part));
+  });
+  std::sort(parts.begin(), parts.end(), [](const Part<S>& a, const Part<S>& b) { return a.row_begin < b.row_begin; });
+
+  int64_t M = 0, E = 0;
+  for (const auto& pt : parts) {
+    M += static_cast<int64_t>(pt.offsets.size());
+    E += static_cast<int64_t>(pt.esc_index.size());
+  }
+  const auto opt = mp.S.options();
+  auto counts = at::empty({mp.P * nb}, opt.dtype(at::kInt));
+  auto offsets = at::empty({M}, opt.dtype(at::kShort));
+  auto deltas = at::empty({M}, opt.dtype(at::kChar));
+  auto esc_index = at::empty({E}, opt.dtype(at::kLong));
+  auto esc_value = at::empty({E}, opt);
+  int32_t* cp = counts.data_ptr<int32_t>();
+  int16_t* op = offsets.data_ptr<int16_t>();
+  int8_t* dp = deltas.data_ptr<int8_t>();
+  int64_t* ip = esc_index.data_ptr<int64_t>();
+  auto* vp = reinterpret_cast<bits_t*>(esc_value.data_ptr());
+  for (const auto& pt : parts) {
+    cp = std::copy(pt.counts.begin(), pt.counts.end(), cp);
+    op = std::copy(pt.offsets.begin(), pt.offsets.end(), op);
+    dp = std::copy(pt.deltas.begin(), pt.deltas.end(), dp);
+    ip = std::copy(pt.esc_index.begin(), pt.esc_index.end(), ip);
+    vp = std::copy(pt.esc_bits.begin(), pt.esc_bits.end(), vp);
+  }
+  return {counts, offsets, deltas, esc_index, esc_value};
+}
+
+template <class S>
+void unmerge_impl(const MergeProblem& mp) {
+  using bits_t = typename S::bits_t;
+  auto* W = reinterpret_cast<bits_t*>(mp.S.data_ptr());
+  const int64_t Q = mp.Q;
+  const float s = mp.s;
+  const PackedV pv = pack_v(mp);
+  at::parallel_for(0, mp.P, row_grain(mp), [&](int64_t b, int64_t e) {
+    for_each_tile(mp, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
+      bits_t* w = W + p * Q + q0;
+      for (int64_t j = 0; j < n; ++j) w[j] = mm::unmerged<S>(w[j], s, acc[j]);
+    });
+  });
+}
+
+template <template <class> class F, class... Args>
+auto dispatch_storage(at::ScalarType t, Args&&... args) {
+  switch (t) {
+    case at::kFloat: return F<mm::F32>::run(std::forward<Args>(args)...);
+    case at::kHalf: return F<mm::F16>::run(std::forward<Args>(args)...);
+    default: return F<mm::BF16>::run(std::forward<Args>(args)...);
+  }
+}
+
+template <class S>
+struct MergeOp {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(const MergeProblem& mp) {
+    return merge_impl<S>(mp);
+  }
+};
+template <class S>
+struct UnmergeOp {
+  static int run(const MergeProblem& mp) {
+    unmerge_impl<S>(mp);
+    return 0;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu(at::Tensor& weight,
+                                                                                const at::Tensor& lora_A,
+                                                                                const at::Tensor& lora_B, double scale,
+                                                                                bool fan_in_fan_out) {
+  const MergeProblem mp = prepare_merge("merge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
+  return dispatch_storage<MergeOp>(mp.S.scalar_type(), mp);
+}
+
+void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
+                 bool fan_in_fan_out, const at::Tensor& counts, const at::Tensor& offsets, const at::Tensor& deltas,
+                 const at::Tensor& esc_index, const at::Tensor& esc_value) {
+  const MergeProblem mp = prepare_merge("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
+  check_record("unmerge_", mp, counts, offsets, deltas, esc_index, esc_value);
+  dispatch_storage<UnmergeOp>(mp.S.scalar_type(), mp);
+  apply_record(mp, counts, offsets, deltas, esc_index, esc_value);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pylora, CPU, m) {
+  m.impl("merge_", &merge_cpu);
+  m.impl("unmerge_", &unmerge_cpu);
+}
+
+}  // namespace pylora

@@ -1,0 +1,50 @@
+// Every pylora op schema, in one place, with its semantics in the letters used everywhere:
+// T tokens, N slots/adapters, r rank, I in-features, O out-features, S segments, P pool rows.
+// Implementations register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+#include <Python.h>
+#include <torch/library.h>
+
+#if defined(PYLORA_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+TORCH_LIBRARY(pylora, m) {
+  // weight[O, I] += scale * B[O, r] @ A[r, I] in place (weight [I, O] when fan_in_fan_out), fp32
+  // accumulation rounded once per element; refuses (writing nothing) when any result is not finite.
+  // Returns the correction record that makes unmerge_ exact: (counts, offsets, deltas, esc_index, esc_value).
+  m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // weight = the exact weight before merge_(weight, lora_A, lora_B, scale, fan_in_fan_out) that
+  // returned (counts, offsets, deltas, esc_index, esc_value).
+  m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out, "
+        "Tensor counts, Tensor offsets, Tensor deltas, Tensor esc_index, Tensor esc_value) -> ()");
+}
+
+#define PYLORA_STR2(x) #x
+#define PYLORA_STR(x) PYLORA_STR2(x)
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+#if defined(PYLORA_WITH_CUDA)
+  const int cuda_major = CUDART_VERSION / 1000, cuda_minor = (CUDART_VERSION % 1000) / 10;
+  return Py_BuildValue("{s:O,s:s,s:s,s:s}", "cuda", Py_True, "cuda_version",
+                       (std::to_string(cuda_major) + "." + std::to_string(cuda_minor)).c_str(), "cuda_arches",
+                       PYLORA_STR(PYLORA_CUDA_ARCHES), "cpu_arch", PYLORA_STR(PYLORA_CPU_ARCH));
+#else
+  return Py_BuildValue("{s:O,s:O,s:O,s:s}", "cuda", Py_False, "cuda_version", Py_None, "cuda_arches", Py_None,
+                       "cpu_arch", PYLORA_STR(PYLORA_CPU_ARCH));
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What this build of pylora._C holds: CUDA kernels, CUDA version, arches."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pylora's compiled kernels (ops register in torch.ops.pylora)",
+                          -1, methods};
+
+}  // namespace
+
+// Importing the module loads the library, whose static initialisers register the ops.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

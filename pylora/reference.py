@@ -1,0 +1,249 @@
+"""Pure-torch twin of every pylora op: the same semantics, the same validation messages.
+
+It is the fallback when the compiled extension is missing (or a device has no kernel) and the
+oracle the tests compare the kernels against. Where an op is defined down to the bit (merge_ and
+unmerge_), the twin reproduces the kernels' rounding exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+CHUNK = 65536  # record chunk: up to CHUNK consecutive elements of one storage row (offsets are uint16)
+MAX_DELTA = 127  # larger key differences are stored as escapes (index and value)
+_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_STORAGE_MAX = {
+    torch.float32: torch.finfo(torch.float32).max,
+    torch.float16: torch.finfo(torch.float16).max,
+    torch.bfloat16: torch.finfo(torch.bfloat16).max,
+}
+
+
+def _value_error(op: str, msg: str) -> ValueError:
+    return ValueError(f"{op}: {msg}")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------------------------
+# fp32 arithmetic with one rounding per operation, as the kernels do it
+# ----------------------------------------------------------------------------------------------
+
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fma(a, b, c) = round(a * b + c), one rounding, elementwise with broadcasting.
+
+    Semantics: float64 holds a * b exactly (24 + 24 bits); the float64 sum is made round-to-odd
+    from its exact error (TwoSum), and a 53-bit round-to-odd value rounds correctly to 24 bits
+    (Boldo and Melquiond, "Emulation of FMA and correctly rounded sums", 2008).
+    """
+    a, b, c = a.double(), b.double(), c.double()
+    p = a * b
+    s = p + c
+    bb = s - p
+    err = (p - (s - bb)) + (c - bb)
+    odd = (s.contiguous().view(torch.int64) & 1) == 1
+    toward = torch.where(err > 0, math.inf, -math.inf).to(s.dtype)
+    s = torch.where((err != 0) & ~odd, torch.nextafter(s, toward), s)
+    return s.float()
+
+
+def _products_exact(U: torch.Tensor, V: torch.Tensor) -> bool:
+    """True when every fp32 product U[p, k] * V[k, q] is exact, so fma(u, v, acc) == acc + u * v."""
+    if U.dtype not in (torch.float16, torch.bfloat16) or V.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    nz_u, nz_v = U[U != 0], V[V != 0]
+    if nz_u.numel() == 0 or nz_v.numel() == 0:
+        return True
+    # <= 11 + 11 significant bits fit in 24; only a product below fp32's normal range could round.
+    return nz_u.abs().min().double().item() * nz_v.abs().min().double().item() >= 2.0 ** -126
+
+
+def lora_product_fp32(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """acc[P, Q] = the fp32 fma chain over k of U[p, k] * V[k, q], k = 0 .. r-1 in order."""
+    exact = _products_exact(U, V)
+    U32, V32 = U.float(), V.float()
+    acc = torch.zeros(U.shape[0], V.shape[1], dtype=torch.float32, device=U.device)
+    for k in range(U.shape[1]):
+        u, v = U32[:, k : k + 1], V32[k : k + 1, :]
+        acc = acc + u * v if exact else fma32(u, v, acc)
+    return acc
+
+
+def _round_to(x32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> storage dtype, round to nearest even (torch's conversion)."""
+    return x32 if dtype == torch.float32 else x32.to(dtype)
+
+
+def _keys(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Monotone int64 key of storage bits (-0 sorts just below +0)."""
+    if dtype == torch.float32:
+        b = bits.to(torch.int64) & 0xFFFFFFFF
+        sign, mag = 0x80000000, 0x7FFFFFFF
+    else:
+        b = bits.to(torch.int64) & 0xFFFF
+        sign, mag = 0x8000, 0x7FFF
+    return torch.where((b & sign) != 0, -(b & mag) - 1, b)
+
+
+def _unkeys(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    sign, bits_dtype = (0x80000000, torch.int32) if dtype == torch.float32 else (0x8000, torch.int16)
+    return torch.where(keys < 0, (-(keys + 1)) | sign, keys).to(bits_dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+class _MergeProblem:
+    """S[P, Q] (+|-)= s * U[P, r] @ V[r, Q] on the contiguous storage view S of the weight."""
+
+    def __init__(self, op, weight, lora_A, lora_B, scale, fan_in_fan_out):
+        for name, t, want in (("weight", weight, None), ("lora_A", lora_A, "[r, I]"), ("lora_B", lora_B, "[O, r]")):
+            if t.dim() != 2:
+                extra = f" ({_shape(t)})" if want is None else f" ({want})"
+                raise _value_error(op, f"{name}.dim()={t.dim()} must be 2{extra}")
+        for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+            if t.dtype not in _STORAGE_DTYPES:
+                raise _value_error(op, f"{name}.dtype={_dtype_name(t.dtype)} is not supported "
+                                       "(float32, float16, bfloat16)")
+        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if t.device != weight.device:
+                raise _value_error(op, f"{name}.device={t.device} must equal weight.device={weight.device}")
+        r = lora_A.shape[0]
+        if r < 1:
+            raise _value_error(op, f"lora_A.size(0)={r} (r) must be >= 1")
+        if lora_B.shape[1] != r:
+            raise _value_error(op, f"lora_B.size(1)={lora_B.shape[1]} must equal lora_A.size(0)={r} (r)")
+        O, I = lora_B.shape[0], lora_A.shape[1]
+        want = (I, O) if fan_in_fan_out else (O, I)
+        if tuple(weight.shape) != want:
+            raise _value_error(
+                op, f"weight.shape={_shape(weight)} must equal {'[I, O]' if fan_in_fan_out else '[O, I]'}="
+                f"[{want[0]}, {want[1]}] from lora_A [r, I]={_shape(lora_A)} and lora_B [O, r]={_shape(lora_B)} "
+                f"(fan_in_fan_out={fan_in_fan_out})")
+        if not math.isfinite(scale):
+            raise _value_error(op, f"scale={scale} must be finite")
+        if abs(scale) > torch.finfo(torch.float32).max:
+            raise _value_error(op, f"scale={scale} must fit in float32")
+        if weight.is_contiguous():
+            self.S, self.transposed = weight, False
+        elif weight.t().is_contiguous():
+            self.S, self.transposed = weight.t(), True
+        else:
+            raise _value_error(op, f"weight.stride()={list(weight.stride())} is not supported (the weight must be "
+                                   "contiguous or a transposed contiguous tensor)")
+        in_out = fan_in_fan_out != self.transposed
+        self.U, self.V = (lora_A.t(), lora_B.t()) if in_out else (lora_B, lora_A)
+        self.P, self.Q = self.S.shape
+        self.r = r
+        self.s = float(torch.tensor(scale, dtype=torch.float32))
+        self.nb = -(-self.Q // CHUNK) if self.Q else 0
+
+    def where(self, p: int, q: int) -> str:
+        return f"weight[{q}, {p}]" if self.transposed else f"weight[{p}, {q}]"
+
+    def s_tensor(self, sign: float = 1.0) -> torch.Tensor:
+        return torch.tensor(sign * self.s, dtype=torch.float32, device=self.S.device)
+
+
+def merge_(weight, lora_A, lora_B, scale, fan_in_fan_out=False):
+    """Reference of torch.ops.pylora.merge_: returns (counts, offsets, deltas, esc_index, esc_value)."""
+    mp = _MergeProblem("merge_", weight, lora_A, lora_B, scale, fan_in_fan_out)
+    S, dtype = mp.S, mp.S.dtype
+    acc = lora_product_fp32(mp.U, mp.V)
+    w32 = S.float()
+    z = fma32(mp.s_tensor(), acc, w32)
+    y = _round_to(z, dtype)
+    bad = ~(torch.isfinite(z) & torch.isfinite(y))
+    if bool(bad.any()):
+        f = int(bad.flatten().nonzero()[0, 0])
+        p, q = divmod(f, mp.Q)
+        delta = mp.s * float(acc[p, q])
+        raise _value_error("merge_", f"the merged weight would not be finite at {mp.where(p, q)} "
+                                     f"(weight={float(w32[p, q]):g}, scale*(B@A)={delta:g}); nothing was written")
+    c = _round_to(fma32(mp.s_tensor(-1.0), acc, y.float()), dtype)
+    wb, cb = _bits(S.contiguous()).flatten(), _bits(c).flatten()
+    flat = (wb != cb).nonzero().flatten()
+    d = _keys(wb[flat], dtype) - _keys(cb[flat], dtype)
+    small = d.abs() <= MAX_DELTA
+    fs = flat[small]
+    p, q = fs // mp.Q, fs % mp.Q
+    chunk = p * mp.nb + q // CHUNK
+    dev = S.device
+    counts = torch.bincount(chunk, minlength=mp.P * mp.nb).to(torch.int32) if fs.numel() else \
+        torch.zeros(mp.P * mp.nb, dtype=torch.int32, device=dev)
+    offsets = (q % CHUNK).to(torch.int16)
+    deltas = d[small].to(torch.int8)
+    esc_index = flat[~small].to(torch.int64)
+    esc_value = S.flatten()[esc_index].clone()
+    S.copy_(y)
+    return counts, offsets, deltas, esc_index, esc_value
+
+
+def _check_record(op, mp, counts, offsets, deltas, esc_index, esc_value):
+    dev = mp.S.device
+    for name, t, dt in (("counts", counts, torch.int32), ("offsets", offsets, torch.int16),
+                        ("deltas", deltas, torch.int8), ("esc_index", esc_index, torch.int64),
+                        ("esc_value", esc_value, mp.S.dtype)):
+        if t.dim() != 1:
+            raise _value_error(op, f"{name}.dim()={t.dim()} must be 1")
+        if t.dtype != dt:
+            raise _value_error(op, f"{name}.dtype={_dtype_name(t.dtype)} must be {_dtype_name(dt)}")
+        if t.device != dev:
+            raise _value_error(op, f"{name}.device={t.device} must equal weight.device={dev}")
+    if counts.numel() != mp.P * mp.nb:
+        raise _value_error(op, f"counts.numel()={counts.numel()} must equal the weight's record chunks "
+                               f"P*ceil(Q/65536)={mp.P * mp.nb} (the record belongs to a weight of another "
+                               "shape or layout)")
+    if offsets.numel() != deltas.numel():
+        raise _value_error(op, f"offsets.numel()={offsets.numel()} must equal deltas.numel()={deltas.numel()}")
+    if esc_index.numel() != esc_value.numel():
+        raise _value_error(op, f"esc_index.numel()={esc_index.numel()} must equal "
+                               f"esc_value.numel()={esc_value.numel()}")
+    if counts.numel():
+        cmin, total = int(counts.min()), int(counts.sum())
+        if cmin < 0:
+            raise _value_error(op, f"counts holds {cmin}, counts must be >= 0")
+        if total != offsets.numel():
+            raise _value_error(op, f"counts.sum()={total} must equal offsets.numel()={offsets.numel()}")
+    elif offsets.numel():
+        raise _value_error(op, f"offsets.numel()={offsets.numel()} must be 0 for an empty weight")
+    if offsets.numel():
+        cmax = int(_record_columns(mp, counts, offsets).max())
+        if cmax >= mp.Q:
+            raise _value_error(op, f"offsets point at column {cmax}, columns must be < Q={mp.Q}")
+    if esc_index.numel():
+        lo, hi = int(esc_index.min()), int(esc_index.max())
+        if lo < 0 or hi >= mp.S.numel():
+            raise _value_error(op, f"esc_index holds values in [{lo}, {hi}], they must lie in [0, {mp.S.numel()})")
+
+
+def _record_chunks(mp, counts):
+    return torch.repeat_interleave(torch.arange(mp.P * mp.nb, device=counts.device), counts.long())
+
+
+def _record_columns(mp, counts, offsets):
+    return (_record_chunks(mp, counts) % mp.nb) * CHUNK + (offsets.long() & 0xFFFF)
+
+
+def unmerge_(weight, lora_A, lora_B, scale, fan_in_fan_out, counts, offsets, deltas, esc_index, esc_value):
+    """Reference of torch.ops.pylora.unmerge_."""
+    mp = _MergeProblem("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out)
+    _check_record("unmerge_", mp, counts, offsets, deltas, esc_index, esc_value)
+    S, dtype = mp.S, mp.S.dtype
+    acc = lora_product_fp32(mp.U, mp.V)
+    S.copy_(_round_to(fma32(mp.s_tensor(-1.0), acc, S.float()), dtype))
+    flat = S.view(-1)
+    if offsets.numel():
+        idx = (_record_chunks(mp, counts) // mp.nb) * mp.Q + _record_columns(mp, counts, offsets)
+        bits = _bits(flat)
+        bits[idx] = _unkeys(_keys(bits[idx], dtype) + deltas.long(), dtype)
+    if esc_index.numel():
+        flat[esc_index] = esc_value
