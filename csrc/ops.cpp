@@ -11,13 +11,13 @@
 TORCH_LIBRARY(pylora, m) {
   // weight[O, I] += scale * B[O, r] @ A[r, I] in place (weight [I, O] when fan_in_fan_out), fp32
   // accumulation rounded once per element; refuses (writing nothing) when any result is not finite.
-  // Returns the correction record that makes unmerge_ exact: (counts, offsets, deltas, esc_index, esc_value).
+  // Returns the correction record that makes unmerge_ exact: (counts, entries, esc_index, esc_value).
   m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // weight = the exact weight before merge_(weight, lora_A, lora_B, scale, fan_in_fan_out) that
-  // returned (counts, offsets, deltas, esc_index, esc_value).
+  // returned (counts, entries, esc_index, esc_value).
   m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out, "
-        "Tensor counts, Tensor offsets, Tensor deltas, Tensor esc_index, Tensor esc_value) -> ()");
+        "Tensor counts, Tensor entries, Tensor esc_index, Tensor esc_value) -> ()");
 }
 
 #define PYLORA_STR2(x) #x

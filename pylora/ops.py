@@ -53,19 +53,18 @@ class MergeRecord:
     """What unmerge_ needs, besides the LoRA factors, to give back the exact pre-merge weight.
 
     Most elements come back by themselves: c = R(fma(-s, acc, y)) equals the original w. For the
-    rest, within each chunk of up to 65536 elements of a storage row, `offsets` (uint16 stored as
-    int16) says which column and `deltas` how many representable values c lies from w; the few
-    whose distance does not fit an int8 are escapes, stored with their index and original value.
+    rest, each chunk of up to 4096 elements of a storage row lists entries: one uint16 (stored as
+    int16) holding the column inside the chunk (high 12 bits) and how many representable values c
+    lies from w (low 4 bits, signed). The few farther away are escapes: flat index and value.
     """
 
-    counts: torch.Tensor  # int32 [P * ceil(Q / 65536)]: corrections per chunk
-    offsets: torch.Tensor  # int16 [M]
-    deltas: torch.Tensor  # int8 [M]
+    counts: torch.Tensor  # int16 [P * ceil(Q / 4096)]: entries per chunk
+    entries: torch.Tensor  # int16 [M]
     esc_index: torch.Tensor  # int64 [E]: flat storage index
     esc_value: torch.Tensor  # weight dtype [E]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.counts, self.offsets, self.deltas, self.esc_index, self.esc_value)
+        return (self.counts, self.entries, self.esc_index, self.esc_value)
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +74,7 @@ class MergeRecord:
     @property
     def corrections(self) -> int:
         """Elements the record corrects."""
-        return self.offsets.numel() + self.esc_index.numel()
+        return self.entries.numel() + self.esc_index.numel()
 
     def to(self, device) -> "MergeRecord":
         return MergeRecord(*(t.to(device) for t in self.tensors()))
@@ -120,11 +119,9 @@ if _ext.loaded:
         chunks = P * (-(-Q // ref.CHUNK))
         ctx = torch.library.get_ctx()
         m, e = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-        return (weight.new_empty(chunks, dtype=torch.int32), weight.new_empty(m, dtype=torch.int16),
-                weight.new_empty(m, dtype=torch.int8), weight.new_empty(e, dtype=torch.int64),
-                weight.new_empty(e))
+        return (weight.new_empty(chunks, dtype=torch.int16), weight.new_empty(m, dtype=torch.int16),
+                weight.new_empty(e, dtype=torch.int64), weight.new_empty(e))
 
     @torch.library.register_fake("pylora::unmerge_")
-    def _unmerge_fake(weight, lora_A, lora_B, scale, fan_in_fan_out, counts, offsets, deltas, esc_index,
-                      esc_value):
+    def _unmerge_fake(weight, lora_A, lora_B, scale, fan_in_fan_out, counts, entries, esc_index, esc_value):
         return None

@@ -10,8 +10,8 @@ import math
 
 import torch
 
-CHUNK = 65536  # record chunk: up to CHUNK consecutive elements of one storage row (offsets are uint16)
-MAX_DELTA = 127  # larger key differences are stored as escapes (index and value)
+CHUNK = 4096  # record chunk: up to CHUNK consecutive elements of one storage row
+MIN_DELTA, MAX_DELTA = -8, 7  # an entry's signed nibble; other key differences are escapes (index and value)
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _STORAGE_MAX = {
     torch.float32: torch.finfo(torch.float32).max,
@@ -172,26 +172,22 @@ def merge_(weight, lora_A, lora_B, scale, fan_in_fan_out=False):
     wb, cb = _bits(S.contiguous()).flatten(), _bits(c).flatten()
     flat = (wb != cb).nonzero().flatten()
     d = _keys(wb[flat], dtype) - _keys(cb[flat], dtype)
-    small = d.abs() <= MAX_DELTA
+    small = (d >= MIN_DELTA) & (d <= MAX_DELTA)
     fs = flat[small]
     p, q = fs // mp.Q, fs % mp.Q
     chunk = p * mp.nb + q // CHUNK
-    dev = S.device
-    counts = torch.bincount(chunk, minlength=mp.P * mp.nb).to(torch.int32) if fs.numel() else \
-        torch.zeros(mp.P * mp.nb, dtype=torch.int32, device=dev)
-    offsets = (q % CHUNK).to(torch.int16)
-    deltas = d[small].to(torch.int8)
+    counts = torch.bincount(chunk, minlength=mp.P * mp.nb).to(torch.int16)
+    entries = (((q % CHUNK) << 4) | (d[small] & 0xF)).to(torch.int16)
     esc_index = flat[~small].to(torch.int64)
     esc_value = S.flatten()[esc_index].clone()
     S.copy_(y)
-    return counts, offsets, deltas, esc_index, esc_value
+    return counts, entries, esc_index, esc_value
 
 
-def _check_record(op, mp, counts, offsets, deltas, esc_index, esc_value):
+def _check_record(op, mp, counts, entries, esc_index, esc_value):
     dev = mp.S.device
-    for name, t, dt in (("counts", counts, torch.int32), ("offsets", offsets, torch.int16),
-                        ("deltas", deltas, torch.int8), ("esc_index", esc_index, torch.int64),
-                        ("esc_value", esc_value, mp.S.dtype)):
+    for name, t, dt in (("counts", counts, torch.int16), ("entries", entries, torch.int16),
+                        ("esc_index", esc_index, torch.int64), ("esc_value", esc_value, mp.S.dtype)):
         if t.dim() != 1:
             raise _value_error(op, f"{name}.dim()={t.dim()} must be 1")
         if t.dtype != dt:
@@ -200,50 +196,48 @@ def _check_record(op, mp, counts, offsets, deltas, esc_index, esc_value):
             raise _value_error(op, f"{name}.device={t.device} must equal weight.device={dev}")
     if counts.numel() != mp.P * mp.nb:
         raise _value_error(op, f"counts.numel()={counts.numel()} must equal the weight's record chunks "
-                               f"P*ceil(Q/65536)={mp.P * mp.nb} (the record belongs to a weight of another "
+                               f"P*ceil(Q/{CHUNK})={mp.P * mp.nb} (the record belongs to a weight of another "
                                "shape or layout)")
-    if offsets.numel() != deltas.numel():
-        raise _value_error(op, f"offsets.numel()={offsets.numel()} must equal deltas.numel()={deltas.numel()}")
     if esc_index.numel() != esc_value.numel():
         raise _value_error(op, f"esc_index.numel()={esc_index.numel()} must equal "
                                f"esc_value.numel()={esc_value.numel()}")
     if counts.numel():
-        cmin, total = int(counts.min()), int(counts.sum())
+        cmin, total = int(counts.min()), int(counts.long().sum())
         if cmin < 0:
             raise _value_error(op, f"counts holds {cmin}, counts must be >= 0")
-        if total != offsets.numel():
-            raise _value_error(op, f"counts.sum()={total} must equal offsets.numel()={offsets.numel()}")
-    elif offsets.numel():
-        raise _value_error(op, f"offsets.numel()={offsets.numel()} must be 0 for an empty weight")
-    if offsets.numel():
-        cmax = int(_record_columns(mp, counts, offsets).max())
+        if total != entries.numel():
+            raise _value_error(op, f"counts.sum()={total} must equal entries.numel()={entries.numel()}")
+    elif entries.numel():
+        raise _value_error(op, f"entries.numel()={entries.numel()} must be 0 for an empty weight")
+    if entries.numel():
+        cmax = int(_entry_position(mp, counts, entries)[1].max())
         if cmax >= mp.Q:
-            raise _value_error(op, f"offsets point at column {cmax}, columns must be < Q={mp.Q}")
+            raise _value_error(op, f"entries point at column {cmax}, columns must be < Q={mp.Q}")
     if esc_index.numel():
         lo, hi = int(esc_index.min()), int(esc_index.max())
         if lo < 0 or hi >= mp.S.numel():
             raise _value_error(op, f"esc_index holds values in [{lo}, {hi}], they must lie in [0, {mp.S.numel()})")
 
 
-def _record_chunks(mp, counts):
-    return torch.repeat_interleave(torch.arange(mp.P * mp.nb, device=counts.device), counts.long())
+def _entry_position(mp, counts, entries):
+    """(storage row, column) of each entry: chunk from counts, column in chunk from the high 12 bits."""
+    chunk = torch.repeat_interleave(torch.arange(mp.P * mp.nb, device=counts.device), counts.long())
+    return chunk // mp.nb, (chunk % mp.nb) * CHUNK + ((entries.long() >> 4) & 0xFFF)
 
 
-def _record_columns(mp, counts, offsets):
-    return (_record_chunks(mp, counts) % mp.nb) * CHUNK + (offsets.long() & 0xFFFF)
-
-
-def unmerge_(weight, lora_A, lora_B, scale, fan_in_fan_out, counts, offsets, deltas, esc_index, esc_value):
+def unmerge_(weight, lora_A, lora_B, scale, fan_in_fan_out, counts, entries, esc_index, esc_value):
     """Reference of torch.ops.pylora.unmerge_."""
     mp = _MergeProblem("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out)
-    _check_record("unmerge_", mp, counts, offsets, deltas, esc_index, esc_value)
+    _check_record("unmerge_", mp, counts, entries, esc_index, esc_value)
     S, dtype = mp.S, mp.S.dtype
     acc = lora_product_fp32(mp.U, mp.V)
     S.copy_(_round_to(fma32(mp.s_tensor(-1.0), acc, S.float()), dtype))
     flat = S.view(-1)
-    if offsets.numel():
-        idx = (_record_chunks(mp, counts) // mp.nb) * mp.Q + _record_columns(mp, counts, offsets)
+    if entries.numel():
+        row, col = _entry_position(mp, counts, entries)
+        idx = row * mp.Q + col
+        delta = ((entries.long() & 0xF) ^ 8) - 8  # the signed low nibble
         bits = _bits(flat)
-        bits[idx] = _unkeys(_keys(bits[idx], dtype) + deltas.long(), dtype)
+        bits[idx] = _unkeys(_keys(bits[idx], dtype) + delta, dtype)
     if esc_index.numel():
         flat[esc_index] = esc_value

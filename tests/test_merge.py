@@ -44,7 +44,7 @@ def test_kernel_equals_reference_bitwise(device, dtype, ab_dtype, fifo, shape):
     with ops.reference_mode():
         rec_ref = ops.merge_(W_ref, A, B, 1.7, fan_in_fan_out=fifo)
     assert torch.equal(bits(W), bits(W_ref))
-    for name, a, b in zip(("counts", "offsets", "deltas", "esc_index", "esc_value"), rec.tensors(), rec_ref.tensors()):
+    for name, a, b in zip(("counts", "entries", "esc_index", "esc_value"), rec.tensors(), rec_ref.tensors()):
         assert torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
                            b.view(torch.uint8) if b.is_floating_point() else b), name
 
@@ -95,7 +95,7 @@ def test_roundtrip_escapes_and_large_deltas(backend, device, dtype):
     W[:, ::3] *= 1e-4
     W0 = bits(W)
     rec = ops.merge_(W, A, B, 3.0)
-    assert rec.esc_index.numel() > 0 and rec.offsets.numel() > 0
+    assert rec.esc_index.numel() > 0 and rec.entries.numel() > 0
     ops.unmerge_(W, A, B, 3.0, rec)
     assert torch.equal(bits(W), W0)
 
@@ -211,15 +211,17 @@ def test_bad_records_refused_before_writing(backend, device):
     assert rec.corrections > 0
     W_merged = bits(W)
     t = rec.tensors()
+    esc_value = t[3][:1] if t[3].numel() else torch.zeros(1, dtype=W.dtype, device=device)
     cases = [
         (ops.MergeRecord(t[0][:-1], *t[1:]), r"counts\.numel\(\)=11 must equal the weight's record chunks"),
-        (ops.MergeRecord(t[0].long(), *t[1:]), r"counts\.dtype=int64 must be int32"),
-        (ops.MergeRecord(t[0], t[1][:-1], *t[2:]), r"offsets\.numel\(\)=\d+ must equal deltas\.numel\(\)"),
-        (ops.MergeRecord(t[0], torch.full_like(t[1], 10), *t[2:]), r"offsets point at column 10, columns must be < Q=10"),
-        (ops.MergeRecord(*t[:3], torch.tensor([120], device=device), t[4][:1] if t[4].numel() else
-                         torch.zeros(1, dtype=W.dtype, device=device)), r"esc_index holds values in \[120, 120\]"),
-        (ops.MergeRecord(t[0] * 2, *t[1:]), r"counts\.sum\(\)=\d+ must equal offsets\.numel\(\)"),
-        (ops.MergeRecord(*t[:4], t[4].float()), r"esc_value\.dtype=float32 must be bfloat16"),
+        (ops.MergeRecord(t[0].int(), *t[1:]), r"counts\.dtype=int32 must be int16"),
+        (ops.MergeRecord(t[0], t[1][:-1], *t[2:]), r"counts\.sum\(\)=\d+ must equal entries\.numel\(\)=\d+"),
+        (ops.MergeRecord(t[0], torch.full_like(t[1], 10 << 4), *t[2:]),
+         r"entries point at column 10, columns must be < Q=10"),
+        (ops.MergeRecord(*t[:2], torch.tensor([120], device=device), esc_value),
+         r"esc_index holds values in \[120, 120\]"),
+        (ops.MergeRecord(t[0] * 2, *t[1:]), r"counts\.sum\(\)=\d+ must equal entries\.numel\(\)"),
+        (ops.MergeRecord(*t[:3], t[3].float()), r"esc_value\.dtype=float32 must be bfloat16"),
     ]
     for bad, pattern in cases:
         with pytest.raises(ValueError, match=pattern):

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <sstream>
+#include <utility>
 
 #include "merge_math.h"
 #include "names.h"
@@ -119,42 +120,52 @@ void fail_nonfinite(const char* op, const MergeProblem& mp, int64_t p, int64_t q
                     ", scale*(B@A)=", static_cast<double>(mp.s) * acc, "); nothing was written");
 }
 
-void check_record(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& offsets,
-                  const at::Tensor& deltas, const at::Tensor& esc_index, const at::Tensor& esc_value) {
+namespace {
+
+// Storage row and column of every entry: the chunk comes from counts, the column inside the chunk
+// from the entry's high 12 bits.
+std::pair<at::Tensor, at::Tensor> entry_position(const MergeProblem& mp, const at::Tensor& counts,
+                                                 const at::Tensor& entries) {
+  const auto chunk = at::repeat_interleave(at::arange(mp.num_chunks(), counts.options().dtype(at::kLong)),
+                                           counts.to(at::kLong));
+  const int64_t nb = mp.chunks_per_row();
+  const auto column_in_chunk = at::bitwise_and(at::bitwise_right_shift(entries.to(at::kLong), 4), 0xFFF);
+  return {at::div(chunk, nb, "floor"), (chunk % nb) * mm::kChunk + column_in_chunk};
+}
+
+}  // namespace
+
+void check_record(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+                  const at::Tensor& esc_index, const at::Tensor& esc_value) {
   const auto dev = mp.S.device();
   auto check_1d = [&](const at::Tensor& t, const char* name, at::ScalarType dt) {
     TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, ".dim()=", t.dim(), " must be 1");
-    TORCH_CHECK_VALUE(t.scalar_type() == dt, op, ": ", name, ".dtype=", dtype_name(t.scalar_type()), " must be ", dtype_name(dt));
+    TORCH_CHECK_VALUE(t.scalar_type() == dt, op, ": ", name, ".dtype=", dtype_name(t.scalar_type()), " must be ",
+                      dtype_name(dt));
     TORCH_CHECK_VALUE(t.device() == dev, op, ": ", name, ".device=", t.device(), " must equal weight.device=", dev);
   };
-  check_1d(counts, "counts", at::kInt);
-  check_1d(offsets, "offsets", at::kShort);
-  check_1d(deltas, "deltas", at::kChar);
+  check_1d(counts, "counts", at::kShort);
+  check_1d(entries, "entries", at::kShort);
   check_1d(esc_index, "esc_index", at::kLong);
   check_1d(esc_value, "esc_value", mp.S.scalar_type());
   TORCH_CHECK_VALUE(counts.numel() == mp.num_chunks(), op, ": counts.numel()=", counts.numel(),
-                    " must equal the weight's record chunks P*ceil(Q/65536)=", mp.num_chunks(),
+                    " must equal the weight's record chunks P*ceil(Q/", mm::kChunk, ")=", mp.num_chunks(),
                     " (the record belongs to a weight of another shape or layout)");
-  TORCH_CHECK_VALUE(offsets.numel() == deltas.numel(), op, ": offsets.numel()=", offsets.numel(),
-                    " must equal deltas.numel()=", deltas.numel());
   TORCH_CHECK_VALUE(esc_index.numel() == esc_value.numel(), op, ": esc_index.numel()=", esc_index.numel(),
                     " must equal esc_value.numel()=", esc_value.numel());
   if (counts.numel() > 0) {
     const int64_t cmin = counts.min().item<int64_t>();
     const int64_t total = counts.sum(at::kLong).item<int64_t>();
     TORCH_CHECK_VALUE(cmin >= 0, op, ": counts holds ", cmin, ", counts must be >= 0");
-    TORCH_CHECK_VALUE(total == offsets.numel(), op, ": counts.sum()=", total, " must equal offsets.numel()=",
-                      offsets.numel());
+    TORCH_CHECK_VALUE(total == entries.numel(), op, ": counts.sum()=", total, " must equal entries.numel()=",
+                      entries.numel());
   } else {
-    TORCH_CHECK_VALUE(offsets.numel() == 0, op, ": offsets.numel()=", offsets.numel(), " must be 0 for an empty weight");
+    TORCH_CHECK_VALUE(entries.numel() == 0, op, ": entries.numel()=", entries.numel(),
+                      " must be 0 for an empty weight");
   }
-  if (offsets.numel() > 0) {
-    // offsets are uint16 stored in int16: the column inside its chunk, which must lie inside the row.
-    const auto chunk = at::repeat_interleave(at::arange(mp.num_chunks(), counts.options().dtype(at::kLong)),
-                                             counts.to(at::kLong));
-    const auto col = (chunk % mp.chunks_per_row()) * mm::kChunk + (offsets.to(at::kLong) & 0xFFFF);
-    const int64_t cmax = col.max().item<int64_t>();
-    TORCH_CHECK_VALUE(cmax < mp.Q, op, ": offsets point at column ", cmax, ", columns must be < Q=", mp.Q);
+  if (entries.numel() > 0) {
+    const int64_t cmax = entry_position(mp, counts, entries).second.max().item<int64_t>();
+    TORCH_CHECK_VALUE(cmax < mp.Q, op, ": entries point at column ", cmax, ", columns must be < Q=", mp.Q);
   }
   if (esc_index.numel() > 0) {
     const int64_t lo = esc_index.min().item<int64_t>(), hi = esc_index.max().item<int64_t>();
@@ -163,26 +174,26 @@ void check_record(const char* op, const MergeProblem& mp, const at::Tensor& coun
   }
 }
 
-void apply_record(const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& offsets,
-                  const at::Tensor& deltas, const at::Tensor& esc_index, const at::Tensor& esc_value) {
+void apply_record(const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+                  const at::Tensor& esc_index, const at::Tensor& esc_value) {
   auto flat = mp.S.view({-1});
-  if (offsets.numel() > 0) {
-    const auto lopt = counts.options().dtype(at::kLong);
-    const auto chunk = at::repeat_interleave(at::arange(mp.num_chunks(), lopt), counts.to(at::kLong));
-    const int64_t nb = mp.chunks_per_row();
-    const auto idx = at::div(chunk, nb, "floor") * mp.Q + (chunk % nb) * mm::kChunk + (offsets.to(at::kLong) & 0xFFFF);
+  if (entries.numel() > 0) {
+    const auto pos = entry_position(mp, counts, entries);
+    const auto idx = pos.first * mp.Q + pos.second;
+    // The low nibble, sign-extended: ((e & 0xF) ^ 8) - 8.
+    const auto delta = ((entries.to(at::kLong) & 0xF) ^ 8) - 8;
     if (mp.S.scalar_type() == at::kFloat) {
       auto bits = flat.view(at::kInt);
       const auto b = bits.index_select(0, idx).to(at::kLong) & 0xFFFFFFFFLL;
       const auto neg = (b & 0x80000000LL) != 0;
-      auto key = at::where(neg, -(b & 0x7FFFFFFFLL) - 1, b) + deltas.to(at::kLong);
+      auto key = at::where(neg, -(b & 0x7FFFFFFFLL) - 1, b) + delta;
       auto nb2 = at::where(key < 0, (-(key + 1)) | 0x80000000LL, key);
       bits.index_put_({idx}, nb2.to(at::kInt));
     } else {
       auto bits = flat.view(at::kShort);
-      const auto b = bits.index_select(0, idx).to(at::kInt) & 0xFFFF;
+      const auto b = bits.index_select(0, idx).to(at::kLong) & 0xFFFF;
       const auto neg = (b & 0x8000) != 0;
-      auto key = at::where(neg, -(b & 0x7FFF) - 1, b) + deltas.to(at::kInt);
+      auto key = at::where(neg, -(b & 0x7FFF) - 1, b) + delta;
       auto nb2 = at::where(key < 0, (-(key + 1)) | 0x8000, key);
       bits.index_put_({idx}, nb2.to(at::kShort));
     }

@@ -39,11 +39,11 @@ bool bound_allows_merge(const MergeProblem& mp);
                                  float acc);
 
 // Validates a record (shapes, dtypes, device, index ranges) against the problem.
-void check_record(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& offsets,
-                  const at::Tensor& deltas, const at::Tensor& esc_index, const at::Tensor& esc_value);
+void check_record(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+                  const at::Tensor& esc_index, const at::Tensor& esc_value);
 
 // After the unmerge pass wrote the candidates c: S[idx] = unkey(key(c) + delta), then the escapes.
-void apply_record(const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& offsets,
-                  const at::Tensor& deltas, const at::Tensor& esc_index, const at::Tensor& esc_value);
+void apply_record(const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+                  const at::Tensor& esc_index, const at::Tensor& esc_value);
 
 }  // namespace pylora

@@ -20,10 +20,17 @@
 namespace pylora {
 namespace mm {
 
-// A record chunk is up to kChunk consecutive elements of one storage row; offsets are uint16.
-constexpr int64_t kChunk = 65536;
-// |key(w) - key(c)| above this is stored as an escape (full index and value) instead of an int8.
-constexpr int32_t kMaxDelta = 127;
+// A record chunk is up to kChunk consecutive elements of one storage row. A correction entry is one
+// uint16 (stored as int16): the column inside the chunk in the high 12 bits, key(w) - key(c) in the
+// low 4 bits as a signed nibble. Differences outside [kMinDelta, kMaxDelta] are stored as escapes
+// (full index and value).
+constexpr int64_t kChunk = 4096;
+constexpr int32_t kMinDelta = -8;
+constexpr int32_t kMaxDelta = 7;
+
+PYLORA_HD int16_t pack_entry(int64_t column_in_chunk, int32_t delta) {
+  return static_cast<int16_t>(static_cast<uint16_t>((column_in_chunk << 4) | (delta & 0xF)));
+}
 
 PYLORA_HD uint32_t f2u(float f) {
 #if defined(__CUDA_ARCH__)

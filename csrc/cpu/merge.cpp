@@ -150,17 +150,14 @@ int64_t row_grain(const MergeProblem& mp) {
 // One worker's share of the record, for rows [row_begin, row_end).
 template <class S>
 struct Entries {
-  std::vector<int16_t> offsets;
-  std::vector<int8_t> deltas;
+  std::vector<int16_t> entries;
   std::vector<int64_t> esc_index;
   std::vector<typename S::bits_t> esc_bits;
   void append(Entries& o) {
-    offsets.insert(offsets.end(), o.offsets.begin(), o.offsets.end());
-    deltas.insert(deltas.end(), o.deltas.begin(), o.deltas.end());
+    entries.insert(entries.end(), o.entries.begin(), o.entries.end());
     esc_index.insert(esc_index.end(), o.esc_index.begin(), o.esc_index.end());
     esc_bits.insert(esc_bits.end(), o.esc_bits.begin(), o.esc_bits.end());
-    o.offsets.clear();
-    o.deltas.clear();
+    o.entries.clear();
     o.esc_index.clear();
     o.esc_bits.clear();
   }
@@ -170,7 +167,7 @@ struct Entries {
 template <class S>
 struct Part : Entries<S> {
   int64_t row_begin = 0;
-  std::vector<int32_t> counts;  // per chunk of these rows
+  std::vector<int16_t> counts;  // per chunk of these rows (<= kChunk entries each)
 };
 
 // Returns the flat index of the first element whose merged value would not be finite, or -1.
@@ -202,7 +199,7 @@ int64_t first_nonfinite(const MergeProblem& mp) {
 }
 
 template <class S>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const MergeProblem& mp) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const MergeProblem& mp) {
   using bits_t = typename S::bits_t;
   using key_t = typename S::key_t;
   auto* W = reinterpret_cast<bits_t*>(mp.S.data_ptr());
@@ -251,10 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_imp
             const key_t d = S::key(w[j]) - S::key(c);
             const int64_t q = q0 + j;
             Entries<S>& out = row_entries[(p - b) % kRB];
-            if (d >= -mm::kMaxDelta && d <= mm::kMaxDelta) {
+            if (d >= mm::kMinDelta && d <= mm::kMaxDelta) {
               part.counts[(p - b) * nb + q / mm::kChunk] += 1;
-              out.offsets.push_back(static_cast<int16_t>(static_cast<uint16_t>(q % mm::kChunk)));
-              out.deltas.push_back(static_cast<int8_t>(d));
+              out.entries.push_back(mm::pack_entry(q % mm::kChunk, static_cast<int32_t>(d)));
             } else {
               out.esc_index.push_back(p * Q + q);
               out.esc_bits.push_back(w[j]);
@@ -273,28 +269,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_imp
 
   int64_t M = 0, E = 0;
   for (const auto& pt : parts) {
-    M += static_cast<int64_t>(pt.offsets.size());
+    M += static_cast<int64_t>(pt.entries.size());
     E += static_cast<int64_t>(pt.esc_index.size());
   }
   const auto opt = mp.S.options();
-  auto counts = at::empty({mp.P * nb}, opt.dtype(at::kInt));
-  auto offsets = at::empty({M}, opt.dtype(at::kShort));
-  auto deltas = at::empty({M}, opt.dtype(at::kChar));
+  auto counts = at::empty({mp.P * nb}, opt.dtype(at::kShort));
+  auto entries = at::empty({M}, opt.dtype(at::kShort));
   auto esc_index = at::empty({E}, opt.dtype(at::kLong));
   auto esc_value = at::empty({E}, opt);
-  int32_t* cp = counts.data_ptr<int32_t>();
-  int16_t* op = offsets.data_ptr<int16_t>();
-  int8_t* dp = deltas.data_ptr<int8_t>();
+  int16_t* cp = counts.data_ptr<int16_t>();
+  int16_t* ep = entries.data_ptr<int16_t>();
   int64_t* ip = esc_index.data_ptr<int64_t>();
   auto* vp = reinterpret_cast<bits_t*>(esc_value.data_ptr());
   for (const auto& pt : parts) {
     cp = std::copy(pt.counts.begin(), pt.counts.end(), cp);
-    op = std::copy(pt.offsets.begin(), pt.offsets.end(), op);
-    dp = std::copy(pt.deltas.begin(), pt.deltas.end(), dp);
+    ep = std::copy(pt.entries.begin(), pt.entries.end(), ep);
     ip = std::copy(pt.esc_index.begin(), pt.esc_index.end(), ip);
     vp = std::copy(pt.esc_bits.begin(), pt.esc_bits.end(), vp);
   }
-  return {counts, offsets, deltas, esc_index, esc_value};
+  return {counts, entries, esc_index, esc_value};
 }
 
 template <class S>
@@ -323,7 +316,7 @@ auto dispatch_storage(at::ScalarType t, Args&&... args) {
 
 template <class S>
 struct MergeOp {
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(const MergeProblem& mp) {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(const MergeProblem& mp) {
     return merge_impl<S>(mp);
   }
 };
@@ -335,7 +328,7 @@ struct UnmergeOp {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu(at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu(at::Tensor& weight,
                                                                                 const at::Tensor& lora_A,
                                                                                 const at::Tensor& lora_B, double scale,
                                                                                 bool fan_in_fan_out) {
@@ -344,12 +337,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu
 }
 
 void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                 bool fan_in_fan_out, const at::Tensor& counts, const at::Tensor& offsets, const at::Tensor& deltas,
-                 const at::Tensor& esc_index, const at::Tensor& esc_value) {
+                 bool fan_in_fan_out, const at::Tensor& counts, const at::Tensor& entries, const at::Tensor& esc_index,
+                 const at::Tensor& esc_value) {
   const MergeProblem mp = prepare_merge("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
-  check_record("unmerge_", mp, counts, offsets, deltas, esc_index, esc_value);
+  check_record("unmerge_", mp, counts, entries, esc_index, esc_value);
   dispatch_storage<UnmergeOp>(mp.S.scalar_type(), mp);
-  apply_record(mp, counts, offsets, deltas, esc_index, esc_value);
+  apply_record(mp, counts, entries, esc_index, esc_value);
 }
 
 }  // namespace

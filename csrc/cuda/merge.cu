@@ -1,7 +1,7 @@
 // merge_cuda / unmerge_cuda: S[P, Q] (+|-)= s * U[P, r] @ V[r, Q] with the element arithmetic of
 // common/merge_math.h (explicit __fmaf_rn, so the bits equal the CPU kernel's and the reference's).
 //
-// A block takes kRows consecutive storage rows and one record chunk of columns (up to 65536); each
+// A block takes kRows consecutive storage rows and one record chunk of columns (up to 4096); each
 // thread owns one column at a time and keeps kRows accumulators, so every V load feeds kRows fmas
 // and the kRows values of U[p, k] come from shared memory as one float4.
 // merge_ is two passes: pass A checks every result for finiteness and counts the record entries of
@@ -63,13 +63,13 @@ __device__ __forceinline__ void lora_acc(const float4* __restrict__ u4, const fl
   }
 }
 
-// Record class of one element: 0 nothing, 1 a (offset, delta) entry, 2 an escape.
+// Record class of one element: 0 nothing, 1 an entry (column and delta), 2 an escape.
 template <class S>
-__device__ __forceinline__ int record_class(typename S::bits_t w, typename S::bits_t c, int8_t& delta) {
+__device__ __forceinline__ int record_class(typename S::bits_t w, typename S::bits_t c, int32_t& delta) {
   if (c == w) return 0;
   const auto d = S::key(w) - S::key(c);
-  if (d >= -mm::kMaxDelta && d <= mm::kMaxDelta) {
-    delta = static_cast<int8_t>(d);
+  if (d >= mm::kMinDelta && d <= mm::kMaxDelta) {
+    delta = static_cast<int32_t>(d);
     return 1;
   }
   return 2;
@@ -88,12 +88,12 @@ __device__ __forceinline__ int block_sum(int v, int* scratch) {
   return total;
 }
 
-// Pass A: per chunk, how many (offset, delta) entries and escapes; the first non-finite result.
+// Pass A: per chunk, how many entries and escapes; the first non-finite result.
 template <class S>
 __global__ void __launch_bounds__(kThreads) merge_count_kernel(const typename S::bits_t* __restrict__ W,
                                                                const float* __restrict__ U,
                                                                const float* __restrict__ V, Geometry g,
-                                                               int32_t* __restrict__ counts,
+                                                               int16_t* __restrict__ counts,
                                                                int32_t* __restrict__ esc_counts,
                                                                unsigned long long* __restrict__ first_bad) {
   extern __shared__ float4 u4[];
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) merge_count_kernel(const typename S:
       bool ok;
       const auto y = mm::merged<S>(w, g.s, acc[i], ok);
       if (!ok) atomicMin(first_bad, static_cast<unsigned long long>(p * g.Q + q));
-      int8_t d;
+      int32_t d;
       const int cls = record_class<S>(w, mm::unmerged<S>(y, g.s, acc[i]), d);
       n_small[i] += cls == 1;
       n_esc[i] += cls == 2;
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) merge_count_kernel(const typename S:
     const int a = block_sum(n_small[i], scratch);
     const int e = block_sum(n_esc[i], scratch);
     if (threadIdx.x == 0 && p0 + i < g.P) {
-      counts[(p0 + i) * g.nb + cb] = a;
+      counts[(p0 + i) * g.nb + cb] = static_cast<int16_t>(a);  // <= kChunk
       esc_counts[(p0 + i) * g.nb + cb] = e;
     }
   }
@@ -134,8 +134,8 @@ __global__ void __launch_bounds__(kThreads) merge_count_kernel(const typename S:
 template <class S>
 __global__ void __launch_bounds__(kThreads) merge_write_kernel(
     typename S::bits_t* __restrict__ W, const float* __restrict__ U, const float* __restrict__ V, Geometry g,
-    const int64_t* __restrict__ small_start, const int64_t* __restrict__ esc_start, int16_t* __restrict__ offsets,
-    int8_t* __restrict__ deltas, int64_t* __restrict__ esc_index, typename S::bits_t* __restrict__ esc_value) {
+    const int64_t* __restrict__ small_start, const int64_t* __restrict__ esc_start, int16_t* __restrict__ entries,
+    int64_t* __restrict__ esc_index, typename S::bits_t* __restrict__ esc_value) {
   extern __shared__ float4 u4[];
   // warp totals of the 2 * kRows flags of one column step
   __shared__ int warp_tot[2 * kRows][kWarps];
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) merge_write_kernel(
   for (int64_t q0 = q_begin; q0 < q_end; q0 += kThreads) {  // uniform trip count: the scan syncs
     const int64_t q = q0 + threadIdx.x;
     int cls[kRows] = {};
-    int8_t d[kRows] = {};
+    int32_t d[kRows] = {};
     typename S::bits_t w[kRows] = {};
     if (q < q_end) {
       float acc[kRows];
@@ -189,8 +189,7 @@ __global__ void __launch_bounds__(kThreads) merge_write_kernel(
       const int i = f % kRows;
       if (cls[i] == 1 + f / kRows) {
         if (f < kRows) {
-          offsets[pos] = static_cast<int16_t>(static_cast<uint16_t>(q - q_begin));
-          deltas[pos] = d[i];
+          entries[pos] = mm::pack_entry(q - q_begin, d[i]);
         } else {
           esc_index[pos] = (p0 + i) * g.Q + q;
           esc_value[pos] = w[i];
@@ -233,23 +232,22 @@ Geometry geometry(const char* op, const MergeProblem& mp) {
 dim3 grid_of(const Geometry& g) { return dim3(static_cast<unsigned>((g.P + kRows - 1) / kRows), static_cast<unsigned>(g.nb)); }
 
 template <class S>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const MergeProblem& mp) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const MergeProblem& mp) {
   using bits_t = typename S::bits_t;
   const Geometry g = geometry("merge_", mp);
   const auto opt = mp.S.options();
-  auto counts = at::zeros({mp.num_chunks()}, opt.dtype(at::kInt));
+  auto counts = at::zeros({mp.num_chunks()}, opt.dtype(at::kShort));
   auto esc_counts = at::zeros({mp.num_chunks()}, opt.dtype(at::kInt));
   auto first_bad = at::full({1}, -1, opt.dtype(at::kLong));  // all ones: the largest unsigned value
   if (mp.S.numel() == 0) {
-    return {counts, at::empty({0}, opt.dtype(at::kShort)), at::empty({0}, opt.dtype(at::kChar)),
-            at::empty({0}, opt.dtype(at::kLong)), at::empty({0}, opt)};
+    return {counts, at::empty({0}, opt.dtype(at::kShort)), at::empty({0}, opt.dtype(at::kLong)), at::empty({0}, opt)};
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t shmem = static_cast<size_t>(g.r) * sizeof(float4);
   const auto* U = mp.U.const_data_ptr<float>();
   const auto* V = mp.V.const_data_ptr<float>();
   merge_count_kernel<S><<<grid_of(g), kThreads, shmem, stream>>>(
-      reinterpret_cast<const bits_t*>(mp.S.const_data_ptr()), U, V, g, counts.data_ptr<int32_t>(),
+      reinterpret_cast<const bits_t*>(mp.S.const_data_ptr()), U, V, g, counts.data_ptr<int16_t>(),
       esc_counts.data_ptr<int32_t>(), reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -265,16 +263,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_imp
   const int64_t M = small_incl[-1].item<int64_t>(), E = esc_incl[-1].item<int64_t>();
   const auto small_start = small_incl - counts;
   const auto esc_start = esc_incl - esc_counts;
-  auto offsets = at::empty({M}, opt.dtype(at::kShort));
-  auto deltas = at::empty({M}, opt.dtype(at::kChar));
+  auto entries = at::empty({M}, opt.dtype(at::kShort));
   auto esc_index = at::empty({E}, opt.dtype(at::kLong));
   auto esc_value = at::empty({E}, opt);
   merge_write_kernel<S><<<grid_of(g), kThreads, shmem, stream>>>(
       reinterpret_cast<bits_t*>(mp.S.data_ptr()), U, V, g, small_start.const_data_ptr<int64_t>(),
-      esc_start.const_data_ptr<int64_t>(), offsets.data_ptr<int16_t>(), deltas.data_ptr<int8_t>(),
-      esc_index.data_ptr<int64_t>(), reinterpret_cast<bits_t*>(esc_value.data_ptr()));
+      esc_start.const_data_ptr<int64_t>(), entries.data_ptr<int16_t>(), esc_index.data_ptr<int64_t>(),
+      reinterpret_cast<bits_t*>(esc_value.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {counts, offsets, deltas, esc_index, esc_value};
+  return {counts, entries, esc_index, esc_value};
 }
 
 template <class S>
@@ -288,7 +285,7 @@ void unmerge_impl(const MergeProblem& mp) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cuda(at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cuda(at::Tensor& weight,
                                                                                  const at::Tensor& lora_A,
                                                                                  const at::Tensor& lora_B,
                                                                                  double scale, bool fan_in_fan_out) {
@@ -302,17 +299,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cud
 }
 
 void unmerge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
-                  bool fan_in_fan_out, const at::Tensor& counts, const at::Tensor& offsets, const at::Tensor& deltas,
-                  const at::Tensor& esc_index, const at::Tensor& esc_value) {
+                  bool fan_in_fan_out, const at::Tensor& counts, const at::Tensor& entries, const at::Tensor& esc_index,
+                  const at::Tensor& esc_value) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const MergeProblem mp = prepare_merge("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
-  check_record("unmerge_", mp, counts, offsets, deltas, esc_index, esc_value);
+  check_record("unmerge_", mp, counts, entries, esc_index, esc_value);
   switch (mp.S.scalar_type()) {
     case at::kFloat: unmerge_impl<mm::F32>(mp); break;
     case at::kHalf: unmerge_impl<mm::F16>(mp); break;
     default: unmerge_impl<mm::BF16>(mp); break;
   }
-  apply_record(mp, counts, offsets, deltas, esc_index, esc_value);
+  apply_record(mp, counts, entries, esc_index, esc_value);
 }
 
 }  // namespace

@@ -1,0 +1,47 @@
+# The README's commands. Each creates or reuses the virtual environment in $(VENV), installs torch
+# and the rest, builds the extension against that torch, and runs.
+#   make demo    set up, then run pylora's main job
+#   make test    set up, then run the whole test suite
+#   make bench   set up, then run the benchmarks at sizes that fit the machine
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+# torch 2.14.1 is a CUDA 13.0 build; any torch >= 2.4 works (override: make TORCH=torch==2.6.0 test).
+TORCH ?= torch==2.14.1
+RUNTIME_DEPS := numpy safetensors tqdm ninja pybind11 setuptools wheel
+TEST_DEPS := pytest transformers peft
+# A CUDA toolkit's usual home, when nothing says otherwise (setup.py also looks there).
+CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+MAX_JOBS ?= 2
+export CUDA_HOME MAX_JOBS
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.built
+
+$(VENV)/.deps: pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "pylora needs Python 3.10+, this is " + sys.version' 
+	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q "$(TORCH)" $(RUNTIME_DEPS) $(TEST_DEPS)
+	touch $@
+
+# --no-build-isolation: the extension must be compiled against the torch it will run with.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: setup
+	$(VENV)/bin/pylora info
+	$(VPY) examples/merge_roundtrip.py
+
+test: setup
+	$(VPY) -m pytest
+
+bench: setup
+	$(VPY) bench/bench_merge.py --quick
+
+clean:
+	rm -rf build pylora/_C*.so pylora.egg-info $(VENV)/.built

@@ -1,0 +1,5 @@
+import sys
+
+from pylora.cli import main
+
+sys.exit(main())
