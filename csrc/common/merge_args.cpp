@@ -135,8 +135,8 @@ std::pair<at::Tensor, at::Tensor> entry_position(const MergeProblem& mp, const a
 
 }  // namespace
 
-void check_record(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
-                  const at::Tensor& esc_index, const at::Tensor& esc_value) {
+void check_record_layout(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+                         const at::Tensor& esc_index, const at::Tensor& esc_value) {
   const auto dev = mp.S.device();
   auto check_1d = [&](const at::Tensor& t, const char* name, at::ScalarType dt) {
     TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, ".dim()=", t.dim(), " must be 1");
@@ -153,6 +153,10 @@ void check_record(const char* op, const MergeProblem& mp, const at::Tensor& coun
                     " (the record belongs to a weight of another shape or layout)");
   TORCH_CHECK_VALUE(esc_index.numel() == esc_value.numel(), op, ": esc_index.numel()=", esc_index.numel(),
                     " must equal esc_value.numel()=", esc_value.numel());
+}
+
+void check_record_contents(const char* op, const MergeProblem& mp, const at::Tensor& counts,
+                           const at::Tensor& entries, const at::Tensor& esc_index) {
   if (counts.numel() > 0) {
     const int64_t cmin = counts.min().item<int64_t>();
     const int64_t total = counts.sum(at::kLong).item<int64_t>();

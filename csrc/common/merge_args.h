@@ -38,11 +38,17 @@ bool bound_allows_merge(const MergeProblem& mp);
 [[noreturn]] void fail_nonfinite(const char* op, const MergeProblem& mp, int64_t p, int64_t q, float w,
                                  float acc);
 
-// Validates a record (shapes, dtypes, device, index ranges) against the problem.
-void check_record(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
-                  const at::Tensor& esc_index, const at::Tensor& esc_value);
+// Validates a record's tensors (dims, dtypes, device, sizes) against the problem.
+void check_record_layout(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+                         const at::Tensor& esc_index, const at::Tensor& esc_value);
 
-// After the unmerge pass wrote the candidates c: S[idx] = unkey(key(c) + delta), then the escapes.
+// Validates a record's contents (counts >= 0 summing to the entries, columns < Q, escape indices in
+// range) with ATen ops, for any device; the CPU kernel checks the same with a plain loop.
+void check_record_contents(const char* op, const MergeProblem& mp, const at::Tensor& counts,
+                           const at::Tensor& entries, const at::Tensor& esc_index);
+
+// After the unmerge pass wrote the candidates c: S[idx] = unkey(key(c) + delta), then the escapes
+// (ATen ops, for any device; the CPU kernel applies entries inside its pass instead).
 void apply_record(const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
                   const at::Tensor& esc_index, const at::Tensor& esc_value);
 

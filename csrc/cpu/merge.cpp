@@ -290,19 +290,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const Merg
   return {counts, entries, esc_index, esc_value};
 }
 
+// The record's contents, checked with plain loops (same messages as check_record_contents).
+// Returns each chunk's first entry.
+std::vector<int64_t> check_record_cpu(const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+                                      const at::Tensor& esc_index) {
+  const int16_t* cnt = counts.const_data_ptr<int16_t>();
+  const int16_t* ent = entries.const_data_ptr<int16_t>();
+  const int64_t chunks = counts.numel(), nb = mp.chunks_per_row();
+  std::vector<int64_t> start(chunks + 1, 0);
+  int64_t cmin = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    cmin = std::min<int64_t>(cmin, cnt[c]);
+    start[c + 1] = start[c] + cnt[c];
+  }
+  TORCH_CHECK_VALUE(cmin >= 0, "unmerge_: counts holds ", cmin, ", counts must be >= 0");
+  TORCH_CHECK_VALUE(start[chunks] == entries.numel(), "unmerge_: counts.sum()=", start[chunks],
+                    " must equal entries.numel()=", entries.numel());
+  int64_t cmax = -1;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t e = start[c]; e < start[c + 1]; ++e)
+      cmax = std::max<int64_t>(cmax, (c % nb) * mm::kChunk + ((static_cast<uint16_t>(ent[e]) >> 4) & 0xFFF));
+  TORCH_CHECK_VALUE(cmax < mp.Q, "unmerge_: entries point at column ", cmax, ", columns must be < Q=", mp.Q);
+  if (esc_index.numel() > 0) {
+    const int64_t* ei = esc_index.const_data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(ei, ei + esc_index.numel());
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi < mp.S.numel(), "unmerge_: esc_index holds values in [", *lo, ", ", *hi,
+                      "], they must lie in [0, ", mp.S.numel(), ")");
+  }
+  return start;
+}
+
+// The unmerge pass writes the candidates c, and, once a block of rows is done (still in cache),
+// applies that block's entries: w = unkey(key(c) + delta). Escapes are written last.
 template <class S>
-void unmerge_impl(const MergeProblem& mp) {
+void unmerge_impl(const MergeProblem& mp, const std::vector<int64_t>& start, const at::Tensor& entries,
+                  const at::Tensor& esc_index, const at::Tensor& esc_value) {
   using bits_t = typename S::bits_t;
   auto* W = reinterpret_cast<bits_t*>(mp.S.data_ptr());
-  const int64_t Q = mp.Q;
+  const int16_t* ent = entries.const_data_ptr<int16_t>();
+  const int64_t Q = mp.Q, nb = mp.chunks_per_row();
   const float s = mp.s;
   const PackedV pv = pack_v(mp);
   at::parallel_for(0, mp.P, row_grain(mp), [&](int64_t b, int64_t e) {
     for_each_tile(mp, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
       bits_t* w = W + p * Q + q0;
       for (int64_t j = 0; j < n; ++j) w[j] = mm::unmerged<S>(w[j], s, acc[j]);
+    }, [&](int64_t p0, int64_t nr) {
+      for (int64_t c = p0 * nb; c < (p0 + nr) * nb; ++c) {
+        bits_t* w = W + (c / nb) * Q + (c % nb) * mm::kChunk;
+        for (int64_t k = start[c]; k < start[c + 1]; ++k) {
+          const uint16_t entry = static_cast<uint16_t>(ent[k]);
+          const int32_t delta = static_cast<int32_t>((entry & 0xF) ^ 8) - 8;  // the signed low nibble
+          bits_t& x = w[(entry >> 4) & 0xFFF];
+          x = S::unkey(S::key(x) + delta);
+        }
+      }
     });
   });
+  const int64_t* ei = esc_index.const_data_ptr<int64_t>();
+  const auto* ev = reinterpret_cast<const bits_t*>(esc_value.const_data_ptr());
+  for (int64_t k = 0; k < esc_index.numel(); ++k) W[ei[k]] = ev[k];
 }
 
 template <template <class> class F, class... Args>
@@ -322,8 +369,9 @@ struct MergeOp {
 };
 template <class S>
 struct UnmergeOp {
-  static int run(const MergeProblem& mp) {
-    unmerge_impl<S>(mp);
+  static int run(const MergeProblem& mp, const std::vector<int64_t>& start, const at::Tensor& entries,
+                 const at::Tensor& esc_index, const at::Tensor& esc_value) {
+    unmerge_impl<S>(mp, start, entries, esc_index, esc_value);
     return 0;
   }
 };
@@ -340,9 +388,9 @@ void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor&
                  bool fan_in_fan_out, const at::Tensor& counts, const at::Tensor& entries, const at::Tensor& esc_index,
                  const at::Tensor& esc_value) {
   const MergeProblem mp = prepare_merge("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
-  check_record("unmerge_", mp, counts, entries, esc_index, esc_value);
-  dispatch_storage<UnmergeOp>(mp.S.scalar_type(), mp);
-  apply_record(mp, counts, entries, esc_index, esc_value);
+  check_record_layout("unmerge_", mp, counts, entries, esc_index, esc_value);
+  const std::vector<int64_t> start = check_record_cpu(mp, counts, entries, esc_index);
+  dispatch_storage<UnmergeOp>(mp.S.scalar_type(), mp, start, entries, esc_index, esc_value);
 }
 
 }  // namespace
