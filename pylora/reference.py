@@ -241,3 +241,143 @@ def unmerge_(weight, lora_A, lora_B, scale, fan_in_fan_out, counts, entries, esc
         bits[idx] = _unkeys(_keys(bits[idx], dtype) + delta, dtype)
     if esc_index.numel():
         flat[esc_index] = esc_value
+
+
+# ----------------------------------------------------------------------------------------------
+# lora_linear / lora_linear_backward
+# ----------------------------------------------------------------------------------------------
+
+_LINEAR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for x in [0, 2^32) held in int64, without int64 overflow (16-bit halves of c)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    """lowbias32 (common/dropout_hash.h) on uint32 values held in int64 tensors or Python ints."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed: int, T: int, I: int, dropout_p: float, device=None) -> torch.Tensor:
+    """The keep mask of lora_linear, bool [T, I], exactly as the kernels hash it.
+
+    Semantics: with n = t * I + i and seed as 64 unsigned bits, k0 = lo32(seed),
+    k1 = mix32(hi32(seed) ^ 0x9E3779B9), hash = mix32(mix32(lo32(n) ^ k0) ^ (hi32(n) + k1)) mod 2^32;
+    keep iff hash >= min(round_half_even(dropout_p * 2^32), 2^32 - 1).
+    """
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = s & _M32, _mix32((s >> 32) ^ 0x9E3779B9)
+    threshold = min(round(dropout_p * 2**32), _M32)
+    n = (torch.arange(T, dtype=torch.int64, device=device)[:, None] * I
+         + torch.arange(I, dtype=torch.int64, device=device)[None, :])
+    h = _mix32(_mix32((n & _M32) ^ k0) ^ (((n >> 32) + k1) & _M32))
+    return h >= threshold
+
+
+def _check_lora_linear(op, x, weight, bias, lora_A, lora_B, scale, dropout_p, fan_in_fan_out):
+    """The checks of common/lora_linear_args.cpp, in the same order with the same messages. -> (T, I, O, r)."""
+    if x.dim() != 2:
+        raise _value_error(op, f"x.dim()={x.dim()} must be 2 ([T, I])")
+    if weight.dim() != 2:
+        raise _value_error(op, f"weight.dim()={weight.dim()} must be 2 ({'[I, O]' if fan_in_fan_out else '[O, I]'})")
+    if lora_A.dim() != 2:
+        raise _value_error(op, f"lora_A.dim()={lora_A.dim()} must be 2 ([r, I])")
+    if lora_B.dim() != 2:
+        raise _value_error(op, f"lora_B.dim()={lora_B.dim()} must be 2 ([O, r])")
+    if bias is not None and bias.dim() != 1:
+        raise _value_error(op, f"bias.dim()={bias.dim()} must be 1 ([O])")
+    if x.dtype not in _LINEAR_DTYPES:
+        raise _value_error(op, f"x.dtype={_dtype_name(x.dtype)} is not supported (float32, float16, bfloat16, float64)")
+    others = (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B))
+    for name, t in others:
+        if t is not None and t.dtype != x.dtype:
+            raise _value_error(op, f"{name}.dtype={_dtype_name(t.dtype)} must equal x.dtype={_dtype_name(x.dtype)}")
+    for name, t in others:
+        if t is not None and t.device != x.device:
+            raise _value_error(op, f"{name}.device={t.device} must equal x.device={x.device}")
+    r, I, O = lora_A.shape[0], lora_A.shape[1], lora_B.shape[0]
+    if r < 1:
+        raise _value_error(op, f"lora_A.size(0)={r} (r) must be >= 1")
+    if lora_B.shape[1] != r:
+        raise _value_error(op, f"lora_B.size(1)={lora_B.shape[1]} must equal lora_A.size(0)={r} (r)")
+    if x.shape[1] != I:
+        raise _value_error(op, f"x.size(1)={x.shape[1]} must equal lora_A.size(1)={I} (I)")
+    want = (I, O) if fan_in_fan_out else (O, I)
+    if tuple(weight.shape) != want:
+        raise _value_error(
+            op, f"weight.shape={_shape(weight)} must equal {'[I, O]' if fan_in_fan_out else '[O, I]'}="
+            f"[{want[0]}, {want[1]}] from lora_A [r, I]={_shape(lora_A)} and lora_B [O, r]={_shape(lora_B)} "
+            f"(fan_in_fan_out={fan_in_fan_out})")
+    if bias is not None and bias.shape[0] != O:
+        raise _value_error(op, f"bias.shape={_shape(bias)} must equal [O]=[{O}]")
+    if not math.isfinite(scale):
+        raise _value_error(op, f"scale={scale:g} must be finite")
+    if not (0.0 <= dropout_p < 1.0):
+        raise _value_error(op, f"dropout_p={dropout_p:g} must satisfy 0 <= dropout_p < 1")
+    return x.shape[0], I, O, r
+
+
+def _check_lora_linear_grads(op, T, O, r, x, grad_y, h):
+    if grad_y.dim() != 2:
+        raise _value_error(op, f"grad_y.dim()={grad_y.dim()} must be 2 ([T, O])")
+    if h.dim() != 2:
+        raise _value_error(op, f"h.dim()={h.dim()} must be 2 ([T, r])")
+    for name, t in (("grad_y", grad_y), ("h", h)):
+        if t.dtype != x.dtype:
+            raise _value_error(op, f"{name}.dtype={_dtype_name(t.dtype)} must equal x.dtype={_dtype_name(x.dtype)}")
+    for name, t in (("grad_y", grad_y), ("h", h)):
+        if t.device != x.device:
+            raise _value_error(op, f"{name}.device={t.device} must equal x.device={x.device}")
+    if tuple(grad_y.shape) != (T, O):
+        raise _value_error(op, f"grad_y.shape={_shape(grad_y)} must equal [T, O]=[{T}, {O}]")
+    if tuple(h.shape) != (T, r):
+        raise _value_error(op, f"h.shape={_shape(h)} must equal [T, r]=[{T}, {r}]")
+
+
+def _dropped(x, keep, dropout_p):
+    """drop(x) = where(keep, x * (1 / (1 - p)), 0); the factor rounds to x's dtype as in the kernels."""
+    return torch.where(keep, x * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out):
+    """Reference of torch.ops.pylora.lora_linear -> (y, h); plain torch, differentiable by autograd."""
+    T, I, _, _ = _check_lora_linear("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p,
+                                    fan_in_fan_out)
+    dx = _dropped(x, dropout_keep(seed, T, I, dropout_p, x.device), dropout_p) if dropout_p > 0 else x
+    h = dx @ lora_A.t()
+    w_io = weight if fan_in_fan_out else weight.t()
+    y = x @ w_io if bias is None else torch.addmm(bias, x, w_io)
+    return torch.addmm(y, h, lora_B.t(), alpha=scale), h
+
+
+def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p, seed, fan_in_fan_out, output_mask):
+    """Reference of torch.ops.pylora.lora_linear_backward -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)."""
+    op = "lora_linear_backward"
+    T, I, O, r = _check_lora_linear(op, x, weight, None, lora_A, lora_B, scale, dropout_p, fan_in_fan_out)
+    _check_lora_linear_grads(op, T, O, r, x, grad_y, h)
+    need_x, need_w, need_b, need_A, need_B = (bool(m) for m in output_mask)
+    out = [x.new_empty(0) for _ in range(5)]
+    if need_B:
+        out[4] = (grad_y.t() @ h) * scale
+    if need_b:
+        out[2] = grad_y.sum(0)
+    if need_w:
+        out[1] = x.t() @ grad_y if fan_in_fan_out else grad_y.t() @ x
+    if need_x or need_A:
+        u = (grad_y @ lora_B) * scale
+        keep = dropout_keep(seed, T, I, dropout_p, x.device) if dropout_p > 0 else None
+        if need_x:
+            lora = u @ lora_A
+            if keep is not None:
+                lora = _dropped(lora, keep, dropout_p)
+            out[0] = grad_y @ (weight.t() if fan_in_fan_out else weight) + lora
+        if need_A:
+            out[3] = u.t() @ (_dropped(x, keep, dropout_p) if keep is not None else x)
+    return tuple(out)
