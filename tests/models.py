@@ -1,0 +1,84 @@
+"""Tiny models built from configs with random weights (no model hub is reachable), shared by tests."""
+import torch
+from torch import nn
+
+
+def tiny_llama(seed=0, vocab=128, hidden=64, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=0, vocab=128, hidden=64, layers=2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed=0, vocab=128, hidden=64, layers=2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+class ConvNet(nn.Module):
+    """A small image classifier with Conv2d layers to target."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def ids(batch=2, seq=12, vocab=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def randomize_lora(model, seed=0, std=0.1):
+    """Non-zero A and B everywhere (a zero B would make every parity test pass)."""
+    import pylora
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in pylora.lora_layers(model):
+            for p in (layer.lora_A, layer.lora_B):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            if getattr(layer, "lora_B_bias", None) is not None:
+                layer.lora_B_bias.copy_(torch.randn(layer.lora_B_bias.shape, generator=g) * std)
+    return model
+
+
+def copy_lora_into_peft(model, peft_model, adapter="default"):
+    """Give a PEFT model the same adapter weights as a pylora model (same module names)."""
+    import pylora
+
+    root = peft_model.base_model.model
+    with torch.no_grad():
+        for name, layer in pylora.lora_layers(model):
+            target = root.get_submodule(name)
+            if isinstance(layer, pylora.LoraEmbedding):
+                target.lora_embedding_A[adapter].copy_(layer.lora_A)
+                target.lora_embedding_B[adapter].copy_(layer.lora_B)
+            else:
+                target.lora_A[adapter].weight.copy_(layer.lora_A)
+                target.lora_B[adapter].weight.copy_(layer.lora_B)
+                if getattr(layer, "lora_B_bias", None) is not None:
+                    target.lora_B[adapter].bias.copy_(layer.lora_B_bias)
