@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, in one call (DESIGN.md, "GPU checks"): build the
+# extension in place for sm_90, run the CUDA tests, run the benchmarks at GPU sizes, and write logs
+# and JSON under $OUT (./gpu_out when OUT is unset). Nothing is installed from a registry: the
+# machine's torch, numpy, safetensors, pytest, transformers and peft are used as they are.
+# Budget: about 8 minutes in all. Usage: scripts/gpu_check.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+QUICK=${1:-}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+summary="$OUT/summary.txt"
+: > "$summary"
+note() { echo "$*" | tee -a "$summary"; }
+t0=$(date +%s)
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  $PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+} | tee -a "$summary"
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYLORA_BUILD_CUDA=1
+if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  # An older pip or a read-only site-packages: build in place instead.
+  $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { note "BUILD FAILED (see build.log)"; tail -40 "$OUT/build.log"; exit 1; }
+fi
+note "build: $(( $(date +%s) - t0 )) s"
+$PY -m pylora info 2>&1 | tee -a "$summary"
+
+timeout 300 $PY -m pytest -m cuda -q -p no:cacheprovider -x --timeout=120 tests > "$OUT/pytest_cuda.log" 2>&1 \
+  || timeout 300 $PY -m pytest -m cuda -q -p no:cacheprovider tests > "$OUT/pytest_cuda.log" 2>&1
+note "pytest -m cuda: $(tail -1 "$OUT/pytest_cuda.log")  ($(( $(date +%s) - t0 )) s)"
+
+for bench in bench/bench_merge.py bench/bench_train.py bench/bench_multi.py; do
+  [ -f "$bench" ] || continue
+  name=$(basename "$bench" .py)
+  timeout 240 $PY "$bench" --device cuda $QUICK --out "$OUT/${name#bench_}_cuda.json" > "$OUT/$name.log" 2>&1
+  note "$name: exit $? ($(( $(date +%s) - t0 )) s)"
+  grep -E '^\|' "$OUT/$name.log" >> "$summary"
+done
+note "total: $(( $(date +%s) - t0 )) s"
