@@ -44,6 +44,12 @@ def _expected_shapes(module: nn.Module, kind: str, r: int) -> dict[str, tuple]:
     return {"A": (r, C_in, kh, kw), "B": (C_out, r, 1, 1), "B_bias": (C_out,)}
 
 
+def _lora_dtype(module: nn.Module) -> torch.dtype:
+    # LoraLayer._param_dtype's rule: factors of a half-precision base are kept in float32.
+    dtype = module.weight.dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 @dataclass
 class _Plan:
     cfg: LoraConfig      # the file's, less modules_to_save entries and pattern keys that match nothing
@@ -120,6 +126,12 @@ def _plan(model: nn.Module, af: AdapterFile, strict: bool) -> tuple[_Plan, list[
                 problems.append(f"{wf}: key {prefix}{name}.{suffixes[role]!s}: shape {_shape(t)} does not fit "
                                 f"{model_name}.{name} ({type(module).__name__}, weight {_shape(module.weight)}): "
                                 f"expected {list(expected[role])}")
+        dtype = _lora_dtype(module)
+        for role, t in (("A", mw.lora_A), ("B", mw.lora_B), ("B_bias", mw.lora_B_bias)):
+            if ok and t is not None and t.dtype != dtype and not bool(torch.isfinite(t.to(dtype)).all()):
+                ok = False
+                problems.append(f"{wf}: key {prefix}{name}.{suffixes[role]!s}: values beyond the range of "
+                                f"{_dtype_name(dtype)}, the dtype of {name}'s LoRA factors; expected values it can hold")
         if ok:
             lora_copies += [(f"{name}.lora_A", mw.lora_A), (f"{name}.lora_B", mw.lora_B)]
             if mw.lora_B_bias is not None:

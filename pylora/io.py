@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Union
 
@@ -231,8 +232,7 @@ def read_adapters(paths: Union[Mapping[str, Union[str, os.PathLike]], Iterable[U
         items = [(str(name), p) for name, p in paths.items()]
     else:
         items = [(os.path.basename(os.path.normpath(os.fspath(p))), p) for p in paths]
-    names = [name for name, _ in items]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(n for n, count in Counter(name for name, _ in items).items() if count > 1)
     if duplicates:
         raise ValueError(f"read_adapters: adapter names {duplicates} appear more than once; pass a mapping "
                          "name -> directory")
@@ -412,6 +412,9 @@ def _sort_keys(ins: AdapterInspection, usable: dict[str, torch.Tensor], strict: 
         else:
             entry["keys"][role] = (key, t)
 
+    if not parts:
+        ins.problems.append(f"{wf}: holds no LoRA tensors ({len(ins.tensors)} tensors, none named like "
+                            f"{PREFIX}<module>.lora_A.weight or .lora_embedding_A); expected a LoRA adapter")
     for module, entry in parts.items():
         if not entry["bad"]:
             weights = _module_weights(ins, module, entry, prefix, strict, unexpected)

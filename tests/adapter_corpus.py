@@ -88,6 +88,20 @@ def _poison(value):
     return fn
 
 
+def _only_a_norm_weight(t):
+    t.clear()
+    t[P + "model.norm.weight"] = torch.ones(32)
+
+
+def _link(target, name):
+    return lambda d: os.symlink(target, os.path.join(d, name))
+
+
+def _fifo(name):
+    # Reading a FIFO blocks until something writes to it: the reader must refuse it unopened.
+    return lambda d: os.mkfifo(os.path.join(d, name))
+
+
 def _rename_to_pickle(d):
     t = load_file(os.path.join(d, "adapter_model.safetensors"))
     os.remove(os.path.join(d, "adapter_model.safetensors"))
@@ -143,6 +157,12 @@ CASES = [
     ("weights_header_length_huge", weights_bytes(_huge_header), r"header length field says 1152921504606846976 bytes",
      True),
     ("weights_header_garbage", weights_bytes(_garbage_header), r"corrupt safetensors header: not valid JSON", True),
+    ("weights_without_lora_tensors", tensors(_only_a_norm_weight), r"holds no LoRA tensors \(1 tensors, none named "
+                                                                   r"like", True),
+    ("weights_is_a_device", both(remove("adapter_model.safetensors"), _link("/dev/zero", "adapter_model.safetensors")),
+     r"adapter_model\.safetensors: not a regular file", True),
+    ("config_is_a_fifo", both(remove("adapter_config.json"), _fifo("adapter_config.json")),
+     r"adapter_config\.json: not a regular file", True),
     ("weights_only_pickle", _rename_to_pickle, r"adapter_model\.bin: a pickle file is refused.*allow_pickle=True",
      True),
     # tensors
@@ -154,6 +174,8 @@ CASES = [
      r"v_proj\.lora_A\.weight': 1 of 128 values are not finite \(first: inf", True),
     ("rank_differs_from_config", config(r=8),
      r"shape \[4, 32\] has rank 4, but adapter_config\.json gives module '.*q_proj' r=8", True),
+    ("factor_beyond_float32", tensors(_set(P + Q0 + ".lora_A.weight", lambda x: _poison(1e300)(x.double()))),
+     r"q_proj\.lora_A\.weight: values beyond the range of float32, the dtype of .*q_proj's LoRA factors", False),
     ("ranks_of_A_and_B_disagree", tensors(_set(P + Q0 + ".lora_B.weight", lambda x: x[:, :2].contiguous())),
      r"the ranks of A and B disagree: '.*lora_A\.weight' has shape \[4, 32\] \(r=4\) and '.*lora_B\.weight' has "
      r"shape \[32, 2\] \(r=2\)", True),

@@ -42,6 +42,8 @@ CASES = {
     "llama_patterns_rslora": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
                                             rank_pattern={"v_proj": 2, "layers.1.self_attn.o_proj": 6},
                                             alpha_pattern={"q_proj": 32}, use_rslora=True)),
+    "llama_regex_exclude": ("llama", dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj|up_proj)",
+                                          exclude_modules=["model.layers.0.mlp.up_proj"])),
     "llama_embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
     "llama_layers_lm_head_saved": ("llama", dict(r=2, lora_alpha=4, target_modules=["k_proj"], layers_to_transform=[1],
                                                  modules_to_save=["lm_head"])),
@@ -224,6 +226,63 @@ def test_load_from_an_adapter_file_and_into_eval_mode(tmp_path):
     # The model was in eval mode: the new layers follow, so dropout does not act.
     assert all(not layer.training for _, layer in pylora.lora_layers(model))
     assert torch.equal(output(model, kind), output(model, kind))
+
+
+def test_keys_without_prefix_as_transformers_writes_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    kind, fields = CASES["gpt2_conv1d"]
+    model = pylora_model(kind, fields)
+    pylora.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k.removeprefix(pio.PREFIX): v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    adapter = pio.read_adapter(tmp_path)
+    assert adapter.key_prefix == "" and "transformer.h.1.attn.c_attn" in adapter.modules
+    assert torch.equal(output(pylora.load_adapter(BUILDERS[kind](), adapter), kind), output(model, kind))
+
+
+def test_module_inject_refuses_leaves_the_model_untouched(tmp_path):
+    kind, fields = CASES["convnet_conv_lora_bias"]
+    pylora.save_adapter(pylora_model(kind, fields), tmp_path)
+    model = BUILDERS[kind]()
+    model.conv.dilation = (2, 2)  # same weight shape; LoraConv2d supports dilation 1 only
+    snap = snapshot(model)
+    with pytest.raises(pylora.AdapterError, match=r"conv\.dilation=\(2, 2\) is not supported"):
+        pylora.load_adapter(model, tmp_path)
+    assert_untouched(model, snap)
+
+
+def test_value_beyond_the_model_dtype_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    kind, fields = CASES["bert_bias_all"]
+    pylora.save_adapter(pylora_model(kind, fields), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    t = load_file(path)
+    t["base_model.model.bert.pooler.dense.bias"][3] = 1e6  # finite in float32, inf in float16
+    save_file(t, path, metadata={"format": "pt"})
+    pylora.load_adapter(BUILDERS[kind](), tmp_path)  # a float32 model holds it
+    model = BUILDERS[kind]().half()
+    snap = snapshot(model)
+    with pytest.raises(pylora.AdapterError, match=r"bias tensor 'bert\.pooler\.dense\.bias': values beyond the "
+                                                   r"range of float16"):
+        pylora.load_adapter(model, tmp_path)
+    assert_untouched(model, snap)
+
+
+def test_save_looks_through_a_wrapper(tmp_path):
+    kind, fields = CASES["llama_q_v"]
+    model = pylora_model(kind, fields)
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    pylora.save_adapter(Wrapper(model), tmp_path / "wrapped")
+    pylora.save_adapter(model, tmp_path / "plain")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "wrapped" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
 
 
 def test_pickle_written_by_peft_loads_only_when_allowed(tmp_path):
