@@ -61,7 +61,8 @@ def _embedding_tensors(model, cfg, save_embedding_layers, state) -> dict[str, to
         lora_wrapped = isinstance(layer, LoraLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding))
         if targeted and not lora_wrapped:
             continue
-        module = layer.base_layer if targeted else layer
+        # A LoRA layer contributes its base layer's tensors; its factors are written under PEFT's names.
+        module = layer.base_layer if targeted or isinstance(layer, LoraLayer) else layer
         name = next((n for n, m in model.named_modules() if m is module), None)
         if name:
             out.update({k: v for k, v in state.items() if k.startswith(name + ".")})

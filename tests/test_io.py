@@ -503,6 +503,26 @@ def test_save_refusals(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("kind, targets", [("llama", ["q_proj"]), ("gpt2", ["c_attn", "wte"])])
+def test_save_embedding_layers_as_peft(kind, targets, tmp_path):
+    """save_embedding_layers=True writes the whole input/output embeddings, as PEFT does; they load back."""
+    fields = dict(r=2, lora_alpha=4, target_modules=targets, fan_in_fan_out=kind == "gpt2")
+    model = pylora_model(kind, fields)
+    embedding = model.get_input_embeddings()
+    with torch.no_grad():  # a resized or retrained embedding, what the option is for
+        getattr(embedding, "base_layer", embedding).weight.mul_(1.5)
+    pylora.save_adapter(model, tmp_path / "pylora", save_embedding_layers=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(BUILDERS[kind](), peft.LoraConfig(init_lora_weights=False, **fields)) \
+            .save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    assert file_layout(tmp_path / "pylora") == file_layout(tmp_path / "peft")
+    adapter = pio.read_adapter(tmp_path / "pylora")
+    assert set(adapter.extra_kinds.values()) == {"embedding"}
+    loaded = pylora.load_adapter(BUILDERS[kind](), tmp_path / "pylora")
+    assert torch.equal(output(loaded, kind), output(model, kind))
+
+
 def test_merged_model_saves_its_unmerged_factors(tmp_path):
     kind, fields = CASES["llama_q_v"]
     model = pylora_model(kind, fields)
