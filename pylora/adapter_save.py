@@ -70,7 +70,12 @@ def _embedding_tensors(model, cfg, save_embedding_layers, state) -> dict[str, to
 
 
 def adapter_tensors(model: nn.Module, save_embedding_layers: Union[bool, str] = "auto") -> dict[str, torch.Tensor]:
-    """The tensors save_adapter writes, under PEFT's file keys (see the module docstring)."""
+    """The tensors save_adapter writes, under PEFT's file keys (see pylora.io's docstring).
+
+    Semantics: {"base_model.model." + key: CPU copy}: each LoRA layer's A [r, I] and B [O, r] (and
+    lora_B bias), each modules_to_save copy's state_dict, the biases of cfg.bias, and the embedding
+    layers PEFT's save_embedding_layers rule picks. AdapterError for a model without an adapter, a
+    non-finite tensor, or base tensors of a merged layer (they hold the adapter then)."""
     model = _unwrap(model)
     cfg = get_config(model)
     if cfg is None:

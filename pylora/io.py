@@ -324,7 +324,12 @@ def _read_weights(directory: str, allow_pickle: bool) -> tuple[str, dict[str, to
 
 def inspect_adapter(path: Union[str, os.PathLike], adapter_name: Optional[str] = None, *,
                     allow_pickle: bool = False, strict: bool = True) -> AdapterInspection:
-    """Everything read_adapter checks, collected instead of raised (`pylora info --adapter` prints it)."""
+    """Everything read_adapter checks, collected instead of raised (`pylora info --adapter` prints it).
+
+    Semantics: the checks of read_adapter, in order; a file that cannot be read at all (missing,
+    malformed, truncated) stops the inspection, every other problem is listed and the inspection goes
+    on, so that `.modules` holds every module that passed and `.tensors` everything the weights file
+    holds. `.adapter()` is read_adapter's result (or its AdapterError)."""
     ins = AdapterInspection(path=os.fspath(path))
     try:
         ins.path = _adapter_dir(path, adapter_name)

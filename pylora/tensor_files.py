@@ -55,9 +55,12 @@ def _check_header(path: str, size: int) -> None:
             raise FileProblem(f"{path}: truncated: {size} bytes, shorter than the 8-byte header length a "
                               "safetensors file starts with")
         n = int.from_bytes(head, "little")
-        if n > size - 8 or n > MAX_HEADER_BYTES:
+        if n > size - 8:
             raise FileProblem(f"{path}: truncated or not a safetensors file: its header length field says {n} "
-                              f"bytes, but {size - 8} bytes follow it (the limit is {MAX_HEADER_BYTES})")
+                              f"bytes, but {size - 8} bytes follow it")
+        if n > MAX_HEADER_BYTES:
+            raise FileProblem(f"{path}: not a safetensors file: its header length field says {n} bytes, more than "
+                              f"safetensors' limit of {MAX_HEADER_BYTES}")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))

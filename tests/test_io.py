@@ -373,6 +373,32 @@ def test_broken_adapter_refused_model_untouched(case, valid_adapter, tmp_path):
     assert isinstance(info.value, ValueError) and str(d) in str(info.value)
 
 
+PEFT_REFUSED = {
+    "dora": (lambda: peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), r"use_dora=True is not supported"),
+    "pissa": (lambda: peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"),
+              r"init_lora_weights='pissa' is not supported \(PiSSA moves the top singular components out of the base"),
+    "trainable_tokens": (lambda: peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[1, 2]),
+                         r"trainable_token_indices=\[1, 2\] is not supported"),
+    "alora": (lambda: peft.LoraConfig(r=4, target_modules=["q_proj"], alora_invocation_tokens=[5, 6],
+                                      task_type="CAUSAL_LM"), r"alora_invocation_tokens=\[5, 6\] is not supported"),
+    "ia3": (lambda: peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            r"peft_type='IA3' is not supported \(expected 'LORA'"),
+}
+
+
+@pytest.mark.parametrize("method", PEFT_REFUSED)
+def test_peft_adapters_pylora_does_not_implement_are_refused(method, tmp_path):
+    make_config, pattern = PEFT_REFUSED[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(BUILDERS["llama"](), make_config()).save_pretrained(tmp_path)
+    model = BUILDERS["llama"]()
+    snap = snapshot(model)
+    with pytest.raises(pylora.AdapterError, match=pattern):
+        pylora.load_adapter(model, tmp_path)
+    assert_untouched(model, snap)
+
+
 def test_path_that_is_not_an_adapter_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(pylora.AdapterError, match=r"file: not a directory \(an adapter is a directory holding"):
