@@ -131,7 +131,8 @@ def _plan(model: nn.Module, af: AdapterFile, strict: bool) -> tuple[_Plan, list[
             if ok and t is not None and t.dtype != dtype and not bool(torch.isfinite(t.to(dtype)).all()):
                 ok = False
                 problems.append(f"{wf}: key {prefix}{name}.{suffixes[role]!s}: values beyond the range of "
-                                f"{_dtype_name(dtype)}, the dtype of {name}'s LoRA factors; expected values it can hold")
+                                f"{_dtype_name(dtype)}, the dtype of {name}'s LoRA factors; expected values it "
+                                "can hold")
         if ok:
             lora_copies += [(f"{name}.lora_A", mw.lora_A), (f"{name}.lora_B", mw.lora_B)]
             if mw.lora_B_bias is not None:
@@ -142,8 +143,14 @@ def _plan(model: nn.Module, af: AdapterFile, strict: bool) -> tuple[_Plan, list[
             suffix = "lora_embedding_A" if kind == "embedding" else "lora_A.weight"
             message = (f"{wf}: key {prefix}{name}.{suffix} is missing: the config targets module {name!r} "
                        f"(target_modules={cfg.target_modules!r})")
+            W = modules[name].weight
+            r, limit = cfg.rank_for(name), max(W.shape)
             if strict:
                 problems.append(message)
+            elif r > limit:
+                # Nothing in the file bounds this rank; refuse to allocate a layer larger than the module.
+                problems.append(message + f"; and its config rank r={r} exceeds the module's largest dimension "
+                                          f"{limit}, so no layer is made for it")
             else:
                 notes.append(message + " (left without effect, B = 0: strict=False)")
                 zero_b.append(name)

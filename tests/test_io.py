@@ -490,6 +490,22 @@ def test_non_strict_warns_and_loads_the_rest(valid_adapter, tmp_path):
     assert torch.equal(layers["model.layers.0.self_attn.q_proj"].lora_B, loaded.lora_B)
 
 
+def test_non_strict_never_allocates_an_unbounded_rank(valid_adapter, tmp_path):
+    d = tmp_path / "huge_rank"
+    shutil.copytree(valid_adapter, d)
+    cases = {c[0]: c[1] for c in CORPUS}
+    cases["targeted_module_without_tensors"](str(d))
+    raw = json.loads((d / "adapter_config.json").read_text())
+    raw["rank_pattern"] = {"layers.1.self_attn.v_proj": 10**12}  # only the module without tensors
+    (d / "adapter_config.json").write_text(json.dumps(raw))
+    model = BUILDERS["llama"]()
+    snap = snapshot(model)
+    with pytest.raises(pylora.AdapterError, match=r"config rank r=1000000000000 exceeds the module's largest "
+                                                   r"dimension 32"):
+        pylora.load_adapter(model, d, strict=False)
+    assert_untouched(model, snap)
+
+
 # ----------------------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------------------
