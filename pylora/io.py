@@ -445,17 +445,17 @@ def _module_weights(ins, module, entry, prefix, strict, unexpected) -> Optional[
             return None
     (ka, A), (kb, B) = keys["A"], keys["B"]
     if family == "embedding":
-        kind, a_dims, b_shape = "embedding", (2,), "[D, r]"
+        kind, b_shape = "embedding", "[D, r]"
+        if A.dim() != 2:
+            ins.problems.append(f"{wf}: key {ka!r}: shape {_shape(A)}; expected [r, V] for an embedding")
+            return None
     elif A.dim() == 2:
-        kind, a_dims, b_shape = "linear", (2,), "[O, r]"
+        kind, b_shape = "linear", "[O, r]"
     elif A.dim() == 4:
-        kind, a_dims, b_shape = "conv2d", (4,), "[C_out, r, 1, 1]"
+        kind, b_shape = "conv2d", "[C_out, r, 1, 1]"
     else:
         ins.problems.append(f"{wf}: key {ka!r}: shape {_shape(A)} has {A.dim()} dimensions; expected 2 ([r, I]: "
                             "Linear, Conv1D) or 4 ([r, C_in, kh, kw]: Conv2d)")
-        return None
-    if A.dim() not in a_dims:
-        ins.problems.append(f"{wf}: key {ka!r}: shape {_shape(A)}; expected [r, V] for an embedding")
         return None
     r = int(A.shape[0])
     b_ok = B.dim() == (4 if kind == "conv2d" else 2) and (kind != "conv2d" or tuple(B.shape[2:]) == (1, 1))

@@ -184,6 +184,9 @@ CASES = [
     ("shape_does_not_fit_module", tensors(_set(P + Q0 + ".lora_A.weight", lambda x: torch.cat([x, x[:, :16]], 1))),
      r"q_proj\.lora_A\.weight: shape \[4, 48\] does not fit LlamaForCausalLM\.model\.layers\.0\.self_attn\.q_proj "
      r"\(Linear, weight \[32, 32\]\): expected \[4, 32\]", False),
+    ("factor_with_3_dims", tensors(_set(P + Q0 + ".lora_A.weight", lambda x: x.reshape(4, 4, 8))),
+     r"q_proj\.lora_A\.weight': shape \[4, 4, 8\] has 3 dimensions; expected 2 \(\[r, I\]: Linear, Conv1D\) or 4",
+     True),
     ("conv_factors_for_a_linear", tensors(lambda t: t.update({
         P + Q0 + ".lora_A.weight": t[P + Q0 + ".lora_A.weight"].reshape(4, 2, 4, 4),
         P + Q0 + ".lora_B.weight": t[P + Q0 + ".lora_B.weight"].reshape(32, 4, 1, 1)})),
