@@ -5,7 +5,79 @@ import argparse
 import sys
 
 
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _adapter_info(args) -> int:
+    """What an adapter directory holds and every problem found, without a model; exit status 1 when
+    there is a problem."""
+    import os
+
+    from pylora import io
+
+    ins = io.inspect_adapter(args.adapter, args.adapter_name, allow_pickle=args.allow_pickle)
+    lines = [f"adapter: {ins.path}"]
+    raw = ins.raw_config or {}
+    if ins.raw_config is not None:
+        lines.append(f"config: {ins.config_file} (peft_type {raw.get('peft_type')!r}, task_type "
+                     f"{raw.get('task_type')!r}, base model {raw.get('base_model_name_or_path')!r})")
+    cfg = ins.config
+    if cfg is not None:
+        lines.append(f"r={cfg.r} lora_alpha={cfg.lora_alpha:g} use_rslora={cfg.use_rslora} bias={cfg.bias!r} "
+                     f"lora_bias={cfg.lora_bias} target_modules={cfg.target_modules!r}")
+        for name in ("rank_pattern", "alpha_pattern", "modules_to_save", "exclude_modules", "layers_to_transform"):
+            if getattr(cfg, name):
+                lines.append(f"{name}={getattr(cfg, name)!r}")
+    if ins.weights_file is not None:
+        total = sum(t.numel() * t.element_size() for t in ins.tensors.values())
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in ins.tensors.values()})
+        lines.append(f"weights: {ins.weights_file} ({_size(os.path.getsize(ins.weights_file))}): "
+                     f"{len(ins.tensors)} tensors, {sum(t.numel() for t in ins.tensors.values()):,} values "
+                     f"({_size(total)}), dtype {', '.join(dtypes) or 'none'}")
+    if ins.modules:
+        kinds = {}
+        for m in ins.modules.values():
+            kinds[m.kind] = kinds.get(m.kind, 0) + 1
+        ranks = sorted({m.r for m in ins.modules.values()})
+        lines.append(f"LoRA modules: {len(ins.modules)} ({', '.join(f'{k} {n}' for k, n in kinds.items())}); ranks "
+                     f"{', '.join(map(str, ranks))}")
+        rows = [["module", "kind", "r", "alpha", "scale", "lora_A", "lora_B", "dtype"]]
+        for name, m in ins.modules.items():
+            rows.append([name, m.kind, str(m.r), f"{m.alpha:g}", f"{m.scale:.6g}", str(list(m.lora_A.shape)),
+                         str(list(m.lora_B.shape)) + (" +bias" if m.lora_B_bias is not None else ""),
+                         str(m.lora_A.dtype).removeprefix("torch.")])
+        lines += _table(rows)
+    elif ins.tensors:
+        lines.append("tensors:")
+        lines += _table([[k, str(list(t.shape)), str(t.dtype).removeprefix("torch.")] for k, t in ins.tensors.items()])
+    if ins.extra_tensors:
+        lines.append(f"other tensors: {len(ins.extra_tensors)}")
+        lines += _table([[k, ins.extra_kinds[k], str(list(t.shape)), str(t.dtype).removeprefix("torch.")]
+                         for k, t in ins.extra_tensors.items()])
+    for key, why in ins.ignored.items():
+        lines.append(f"not used: {key}: {why}")
+    if ins.problems:
+        lines.append(f"problems: {len(ins.problems)}")
+        lines += [f"  - {p}" for p in ins.problems]
+    else:
+        lines.append("problems: none")
+    print("\n".join(lines))
+    return 1 if ins.problems else 0
+
+
 def _info(args) -> int:
+    if args.adapter is not None:
+        return _adapter_info(args)
     import torch
 
     import pylora
@@ -41,7 +113,12 @@ def _info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pylora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="versions, what the extension holds, the GPU, each op's backends")
+    p = sub.add_parser("info", help="versions, what the extension holds, the GPU, each op's backends; with "
+                                    "--adapter, what an adapter directory holds and the problems found")
+    p.add_argument("--adapter", metavar="DIR", help="describe the PEFT adapter in DIR (no model needed)")
+    p.add_argument("--adapter-name", metavar="NAME", help="the named adapter in DIR/NAME (PEFT's layout)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read adapter_model.bin with torch.load(weights_only=True) when there is no safetensors")
     p.set_defaults(func=_info)
     return parser
 

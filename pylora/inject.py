@@ -123,6 +123,9 @@ def inject(model: nn.Module, cfg: LoraConfig) -> nn.Module:
             module, name=name, r=cfg.rank_for(name), lora_alpha=cfg.alpha_for(name), lora_dropout=cfg.lora_dropout,
             use_rslora=cfg.use_rslora, fan_in_fan_out=cfg.fan_in_fan_out, init_lora_weights=cfg.init_lora_weights,
             lora_bias=cfg.lora_bias)
+        # A new module starts in training mode; the wrapper follows the module it replaces, so that
+        # an eval-mode model does not start applying LoRA dropout.
+        new_layers[name].train(module.training)
     new_saved = {name: ModulesToSave(model.get_submodule(name)) for name in saved}
     for name, layer in new_layers.items():
         _set_module(model, name, layer)
