@@ -43,7 +43,7 @@ def main():
         opt.step()
         if rank == 0 and step % 5 == 0:
             print(f"step {step}: loss {loss.item():.3f}")
-    if rank == 0 and args.out and hasattr(pylora, "save_adapter"):
+    if rank == 0 and args.out:
         pylora.save_adapter(model.module, args.out)
         print(f"saved {args.out}")
     dist.destroy_process_group()
