@@ -18,6 +18,11 @@ TORCH_LIBRARY(pylora, m) {
   // returned (counts, offsets, deltas, esc_index, esc_value).
   m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out, "
         "Tensor counts, Tensor offsets, Tensor deltas, Tensor esc_index, Tensor esc_value) -> ()");
+  // For each segment g (tokens t in [seg_ptr[g], seg_ptr[g+1])) whose slot s = seg_slot[g] is not -1, with
+  // rows(s) = row_idx[row_ptr[s]:row_ptr[s+1]]: y[t, o] = R(y[t, o] + scales[s] * sum_j h[t, j] * B_rows[rows(s)[j], o]),
+  // h[t, j] = sum_i A_rows[rows(s)[j], i] * x[t, i]; fp32 accumulation, one rounding R into y's dtype.
+  m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor A_rows, Tensor B_rows, Tensor row_ptr, Tensor row_idx, "
+        "Tensor scales, Tensor seg_ptr, Tensor seg_slot) -> ()");
 }
 
 #define PYLORA_STR2(x) #x
