@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,13 @@ def backend(op: str, device: torch.device | str) -> str:
     if not _force_reference.get() and _ext.has_kernel(op, dev.type):
         return "kernel"
     return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(op: str, device_type: str):
+    """torch.ops.pylora.<op> when it has a kernel for `device_type`, else None; looked up once, since the
+    per-layer serving path calls lora_apply_ once per wrapped module per forward."""
+    return getattr(torch.ops.pylora, op) if _ext.has_kernel(op, device_type) else None
 
 
 def _impl(op: str, device: torch.device):
@@ -142,11 +150,14 @@ def lora_apply_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, B_rows: 
                 raise RuntimeError(f"lora_apply_: {name}.requires_grad=True, but the op has no autograd formula "
                                    "(gradients through the pool are not provided); call it under torch.no_grad() "
                                    "or torch.inference_mode()")
-    impl = _impl("lora_apply_", y.device)
-    if check and impl is not ref.lora_apply_ and row_ptr.device.type != "cpu":
+    kernel = None if _force_reference.get() else _compiled("lora_apply_", y.device.type)
+    if kernel is None:
+        ref.lora_apply_(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
+        return
+    if check and row_ptr.device.type != "cpu":
         ref.check_lora_apply_args("lora_apply_", y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
         ref.check_lora_apply_plan(row_ptr, row_idx, seg_ptr, seg_slot, y.shape[0], A_rows.shape[0])
-    impl(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
+    kernel(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ using vec::W;
 
 // Register blocking (accumulators stay in registers across the whole reduction):
 // shrink: kShrinkRT tokens x kShrinkRR rows of dot products; expand: kExpandRT tokens x kExpandCV
-// vectors of columns; a one-token expand (decode) takes kDecodeCV vectors, loading B from memory operands.
+// vectors of columns.
 #if defined(__AVX512F__)
 constexpr int kShrinkRT = 3, kShrinkRR = 8;  // 24 zmm accumulators + 3 x + 1 A
 constexpr int kExpandRT = 4, kExpandCV = 4;  // 16 accumulators + 4 B + 1 h
@@ -41,7 +41,6 @@ constexpr int kExpandRT = 2, kExpandCV = 4;  // 8 accumulators + 4 B + 1 h
 constexpr int kShrinkRT = 2, kShrinkRR = 4;
 constexpr int kExpandRT = 2, kExpandCV = 2;
 #endif
-constexpr int kDecodeCV = 8;
 
 // One slot's tokens: tok[tok0, tok0 + n) index y / x; its rows are rows[0, r); H_g at h + h_off, [n, r].
 struct Group {
@@ -128,22 +127,38 @@ void shrink_task(const Ctx<T>& c, const Task& k) {
     shrink_tokens<kShrinkRT>(c, g, t, std::min<int64_t>(kShrinkRT, k.t1 - t), k.a0, k.a1);
 }
 
-// y_t[o + q] = R(y_t[o + q] + s * sum_j h_t[j] * B[rows[j], o + q]) for t < RT, q < CV * W.
-template <int RT, int CV, class T>
-inline void expand_block(const Ctx<T>& c, const Group& g, const float* h, T* const* yr, int64_t o) {
+// B rows are scattered over the pool and each is read as one run of columns, too short for the hardware
+// prefetchers to ramp up on (they are tuned to long streams): the reading loops below ask for the run
+// of a row kAheadRows ahead while they work on the current one, so several rows are in flight.
+constexpr int64_t kAheadRows = 4;
+
+template <class T>
+inline void prefetch_run(const T* p, int64_t n) {
+  const char* b = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(b + off, 0, 3);
+}
+
+// Every output element gets the same fp32 sequence on every path below: acc = 0, then for j = 0 .. r-1
+// acc = fma(h[t, j], B[rows[j], o], acc) (vector lanes) or acc + h * B (the scalar tail, the last
+// O % W columns), then y = R(fma(s, acc, y)) (or R(y + s * acc) in the tail). So a token's bits do not
+// depend on the path its group takes, its group's size or the thread count.
+
+// y_t[o + q] = R(y_t[o + q] + s * sum_j h_t[j] * b_j[q]) for t < RT, q < CV * W, with b_j = brow(j).
+template <int RT, int CV, class T, class BRow>
+inline void expand_block(const BRow& brow, int64_t r, const float* h, float scale, T* const* yr, int64_t o) {
   vec::V acc[RT][CV];
   for (int t = 0; t < RT; ++t)
     for (int q = 0; q < CV; ++q) acc[t][q] = vec::zero();
-  for (int64_t j = 0; j < g.r; ++j) {
-    const T* b = c.B + g.rows[j] * c.ldb + o;
+  for (int64_t j = 0; j < r; ++j) {
+    const auto* b = brow(j);
     vec::V bv[CV];
     for (int q = 0; q < CV; ++q) bv[q] = vec::load(b + q * W);
     for (int t = 0; t < RT; ++t) {
-      const vec::V hv = vec::set1(h[t * g.r + j]);
+      const vec::V hv = vec::set1(h[t * r + j]);
       for (int q = 0; q < CV; ++q) acc[t][q] = vec::fma(hv, bv[q], acc[t][q]);
     }
   }
-  const vec::V sv = vec::set1(g.scale);
+  const vec::V sv = vec::set1(scale);
   for (int t = 0; t < RT; ++t)
     for (int q = 0; q < CV; ++q) {
       T* yp = yr[t] + o + q * W;
@@ -151,49 +166,138 @@ inline void expand_block(const Ctx<T>& c, const Group& g, const float* h, T* con
     }
 }
 
-// Columns [o, o1) with o1 - o < W, one at a time.
-template <class T>
-void expand_tail(const Ctx<T>& c, const Group& g, const float* h, T* const* yr, int nt, int64_t o, int64_t o1) {
-  for (int t = 0; t < nt; ++t) {
-    for (int64_t q = o; q < o1; ++q) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < g.r; ++j) acc += h[t * g.r + j] * vec::to_f(c.B[g.rows[j] * c.ldb + q]);
-      yr[t][q] = vec::from_f<T>(vec::to_f(yr[t][q]) + g.scale * acc);
-    }
-  }
-}
-
-template <int CV, int RT, class T>
-void expand_tokens(const Ctx<T>& c, const Group& g, int64_t t, int64_t nt, int64_t o) {
+template <int CV, int RT, class T, class BRow>
+void expand_tokens(const Ctx<T>& c, const Group& g, int64_t t, int64_t nt, const BRow& brow, int64_t o) {
   if constexpr (RT > 1) {
-    if (nt < RT) return expand_tokens<CV, RT - 1>(c, g, t, nt, o);
+    if (nt < RT) return expand_tokens<CV, RT - 1>(c, g, t, nt, brow, o);
   }
   T* yr[RT];
   for (int k = 0; k < RT; ++k) yr[k] = c.y + c.tok[g.tok0 + t + k] * c.ldy;
-  expand_block<RT, CV>(c, g, c.h + g.h_off + t * g.r, yr, o);
+  expand_block<RT, CV>(brow, g.r, c.h + g.h_off + t * g.r, g.scale, yr, o);
 }
 
-// Columns outermost: one column block of B (r rows) stays in L1 while the task's tokens pass over it.
+// Columns [o, o1) with o1 - o < W (the end of O), one at a time.
+template <class T>
+void expand_tail(const Ctx<T>& c, const Group& g, int64_t t, int64_t nt, int64_t o, int64_t o1) {
+  for (int64_t k = 0; k < nt; ++k) {
+    T* y = c.y + c.tok[g.tok0 + t + k] * c.ldy;
+    const float* h = c.h + g.h_off + (t + k) * g.r;
+    for (int64_t q = o; q < o1; ++q) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < g.r; ++j) acc += h[j] * vec::to_f(c.B[g.rows[j] * c.ldb + q]);
+      y[q] = vec::from_f<T>(vec::to_f(y[q]) + g.scale * acc);
+    }
+  }
+}
+
+// Decode-sized groups (at most kStreamRT tokens): each B row is read as one long sequential stream
+// (the register-blocked order would interleave r short streams, more than the prefetchers follow,
+// and wait on memory latency) into fp32 accumulators that stay in L1.
+constexpr int kStreamRT = 2;  // expand_stream is written for one or two tokens
+constexpr int64_t kStreamCols = 2048;  // columns per pass: kStreamRT x 8 KiB of accumulators
+
+template <class T>
+void expand_stream(const Ctx<T>& c, const Group& g, const Task& k) {
+  alignas(64) float acc[kStreamRT][kStreamCols];
+  const int nt = static_cast<int>(k.t1 - k.t0);
+  T* yr[kStreamRT];
+  const float* hr[kStreamRT];
+  for (int q = 0; q < nt; ++q) {
+    yr[q] = c.y + c.tok[g.tok0 + k.t0 + q] * c.ldy;
+    hr[q] = c.h + g.h_off + (k.t0 + q) * g.r;
+  }
+  for (int64_t ob = k.a0; ob < k.a1; ob += kStreamCols) {
+    const int64_t n = std::min(kStreamCols, k.a1 - ob);
+    const int64_t nv = std::min(n, (c.O - ob) / W * W);  // vector columns, then the tail of O
+    for (int q = 0; q < nt; ++q) std::fill(acc[q], acc[q] + n, 0.f);
+    for (int64_t j = 0; j < std::min(kAheadRows, g.r); ++j) prefetch_run(c.B + g.rows[j] * c.ldb + ob, n);
+    for (int64_t j = 0; j < g.r; ++j) {
+      if (j + kAheadRows < g.r) prefetch_run(c.B + g.rows[j + kAheadRows] * c.ldb + ob, n);
+      const T* b = c.B + g.rows[j] * c.ldb + ob;
+      if (nt == 2) {  // one load of B for both tokens
+        const float h0 = hr[0][j], h1 = hr[1][j];
+        const vec::V hv0 = vec::set1(h0), hv1 = vec::set1(h1);
+        for (int64_t i = 0; i < nv; i += W) {
+          const vec::V bv = vec::load(b + i);
+          vec::store(acc[0] + i, vec::fma(hv0, bv, vec::load(acc[0] + i)));
+          vec::store(acc[1] + i, vec::fma(hv1, bv, vec::load(acc[1] + i)));
+        }
+        for (int64_t i = nv; i < n; ++i) {
+          acc[0][i] += h0 * vec::to_f(b[i]);
+          acc[1][i] += h1 * vec::to_f(b[i]);
+        }
+      } else {
+        const float h0 = hr[0][j];
+        const vec::V hv0 = vec::set1(h0);
+        for (int64_t i = 0; i < nv; i += W) vec::store(acc[0] + i, vec::fma(hv0, vec::load(b + i), vec::load(acc[0] + i)));
+        for (int64_t i = nv; i < n; ++i) acc[0][i] += h0 * vec::to_f(b[i]);
+      }
+    }
+    const vec::V sv = vec::set1(g.scale);
+    for (int q = 0; q < nt; ++q) {
+      T* yp = yr[q] + ob;
+      for (int64_t i = 0; i < nv; i += W) vec::store(yp + i, vec::fma(sv, vec::load(acc[q] + i), vec::load(yp + i)));
+      for (int64_t i = nv; i < n; ++i) yp[i] = vec::from_f<T>(vec::to_f(yp[i]) + g.scale * acc[q][i]);
+    }
+  }
+}
+
+// Larger groups: a panel of B (r rows x up to kPanelBytes of fp32 columns) is gathered from the pool
+// once, converted and packed so that each kSub-column block is one contiguous [r, kSub] stream; then
+// every token block of the group runs the register-blocked kernel over it (from L1/L2, no scattered
+// rows, no repeated conversion), while each y row is read and written as a sequential run.
+constexpr int64_t kPanelBytes = 256 * 1024;
+
+template <class T>
+void expand_packed(const Ctx<T>& c, const Group& g, const Task& k) {
+  constexpr int64_t kSub = kExpandCV * W;
+  const int64_t r = g.r;
+  const int64_t panel = std::max<int64_t>(kSub, kPanelBytes / (r * 4) / kSub * kSub);
+  thread_local std::vector<float> buf;  // per thread, reused across calls: r x panel floats
+  if (static_cast<int64_t>(buf.size()) < r * panel) buf.resize(r * panel);
+  float* pk = buf.data();
+  for (int64_t op = k.a0; op < k.a1; op += panel) {
+    const int64_t pw = std::min(panel, k.a1 - op);
+    const int64_t nsub = pw / kSub;
+    for (int64_t j = 0; j < std::min(kAheadRows, r); ++j) prefetch_run(c.B + g.rows[j] * c.ldb + op, nsub * kSub);
+    for (int64_t j = 0; j < r; ++j) {
+      if (j + kAheadRows < r) prefetch_run(c.B + g.rows[j + kAheadRows] * c.ldb + op, nsub * kSub);
+      const T* b = c.B + g.rows[j] * c.ldb + op;
+      for (int64_t sb = 0; sb < nsub; ++sb)
+        for (int q = 0; q < kExpandCV; ++q) vec::store(pk + (sb * r + j) * kSub + q * W, vec::load(b + sb * kSub + q * W));
+    }
+    const int64_t orest = op + nsub * kSub;  // columns past the last full block: only at the end of O
+    const auto pool_row = [&](int64_t o) { return [&c, &g, o](int64_t j) { return c.B + g.rows[j] * c.ldb + o; }; };
+    // While the token blocks compute on this panel, the next panel's rows are requested (into L2),
+    // a share after each block, so reading B overlaps the arithmetic instead of preceding it.
+    const int64_t next = op + pw, next_w = std::min(panel, k.a1 - next);
+    const int64_t blocks = (k.t1 - k.t0 + kExpandRT - 1) / kExpandRT;
+    const int64_t rows_per_block = next_w > 0 ? (r + blocks - 1) / blocks : 0;
+    int64_t ahead = 0;  // next-panel rows requested so far
+    for (int64_t t = k.t0; t < k.t1; t += kExpandRT) {
+      for (int64_t e = std::min(r, ahead + rows_per_block); ahead < e; ++ahead) {
+        const char* nb = reinterpret_cast<const char*>(c.B + g.rows[ahead] * c.ldb + next);
+        for (int64_t off = 0; off < next_w * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(nb + off, 0, 2);
+      }
+      const int64_t nt = std::min<int64_t>(kExpandRT, k.t1 - t);
+      for (int64_t sb = 0; sb < nsub; ++sb) {
+        const float* blk = pk + sb * r * kSub;
+        expand_tokens<kExpandCV, kExpandRT>(c, g, t, nt, [blk](int64_t j) { return blk + j * kSub; }, op + sb * kSub);
+      }
+      int64_t o = orest;
+      for (; o + W <= op + pw; o += W) expand_tokens<1, kExpandRT>(c, g, t, nt, pool_row(o), o);
+      if (o < op + pw) expand_tail(c, g, t, nt, o, op + pw);
+    }
+  }
+}
+
 template <class T>
 void expand_task(const Ctx<T>& c, const Task& k) {
   const Group& g = c.groups[k.g];
-  int64_t o = k.a0;
-  if (k.t1 - k.t0 == 1) {
-    for (; o + kDecodeCV * W <= k.a1; o += kDecodeCV * W) expand_tokens<kDecodeCV, 1>(c, g, k.t0, 1, o);
-  }
-  for (; o + kExpandCV * W <= k.a1; o += kExpandCV * W)
-    for (int64_t t = k.t0; t < k.t1; t += kExpandRT)
-      expand_tokens<kExpandCV, kExpandRT>(c, g, t, std::min<int64_t>(kExpandRT, k.t1 - t), o);
-  for (; o + W <= k.a1; o += W)
-    for (int64_t t = k.t0; t < k.t1; t += kExpandRT)
-      expand_tokens<1, kExpandRT>(c, g, t, std::min<int64_t>(kExpandRT, k.t1 - t), o);
-  if (o < k.a1) {
-    for (int64_t t = k.t0; t < k.t1; t += kExpandRT) {
-      const int nt = static_cast<int>(std::min<int64_t>(kExpandRT, k.t1 - t));
-      T* yr[kExpandRT];
-      for (int q = 0; q < nt; ++q) yr[q] = c.y + c.tok[g.tok0 + t + q] * c.ldy;
-      expand_tail(c, g, c.h + g.h_off + t * g.r, yr, nt, o, k.a1);
-    }
+  if (g.n <= kStreamRT) {
+    expand_stream(c, g, k);
+  } else {
+    expand_packed(c, g, k);
   }
 }
 
