@@ -28,6 +28,11 @@ TORCH_LIBRARY(pylora, m) {
   m.def("lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor h, "
         "float scale, float dropout_p, int seed, bool fan_in_fan_out, bool[5] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // For each segment g (tokens t in [seg_ptr[g], seg_ptr[g+1])) whose slot s = seg_slot[g] is not -1, with
+  // rows(s) = row_idx[row_ptr[s]:row_ptr[s+1]]: y[t, o] = R(y[t, o] + scales[s] * sum_j h[t, j] * B_rows[rows(s)[j], o]),
+  // h[t, j] = sum_i A_rows[rows(s)[j], i] * x[t, i]; fp32 accumulation, one rounding R into y's dtype.
+  m.def("lora_apply_(Tensor(a!) y, Tensor x, Tensor A_rows, Tensor B_rows, Tensor row_ptr, Tensor row_idx, "
+        "Tensor scales, Tensor seg_ptr, Tensor seg_slot) -> ()");
 }
 
 #define PYLORA_STR2(x) #x

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from pylora import _ext
 from pylora import reference as ref
 
-OPS = ("merge_", "unmerge_", "lora_linear", "lora_linear_backward")
+OPS = ("merge_", "unmerge_", "lora_linear", "lora_linear_backward", "lora_apply_")
 
 _force_reference = contextvars.ContextVar("pylora_force_reference", default=False)
 
@@ -36,6 +37,13 @@ def backend(op: str, device: torch.device | str) -> str:
     if not _force_reference.get() and _ext.has_kernel(op, dev.type):
         return "kernel"
     return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(op: str, device_type: str):
+    """torch.ops.pylora.<op> when it has a kernel for `device_type`, else None; looked up once, since the
+    per-layer serving path calls lora_apply_ once per wrapped module per forward."""
+    return getattr(torch.ops.pylora, op) if _ext.has_kernel(op, device_type) else None
 
 
 def _impl(op: str, device: torch.device):
@@ -156,6 +164,47 @@ def lora_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Te
     return _impl("lora_linear_backward", x.device)(grad_y, x, weight, lora_A, lora_B, h, float(scale),
                                                    float(dropout_p), int(seed), bool(fan_in_fan_out),
                                                    [bool(m) for m in output_mask])
+# lora_apply_: many adapters in one batch, over a paged pool of rank rows
+# ----------------------------------------------------------------------------------------------
+
+def lora_apply_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, B_rows: torch.Tensor,
+                row_ptr: torch.Tensor, row_idx: torch.Tensor, scales: torch.Tensor, seg_ptr: torch.Tensor,
+                seg_slot: torch.Tensor, check: bool = True) -> None:
+    """Add every token's own LoRA update to y in place (BGMV for decode tokens, SGMV for prefill segments).
+
+    Semantics: for each segment g (tokens t in [seg_ptr[g], seg_ptr[g+1])) with slot s = seg_slot[g]
+    (s == -1: no adapter, y untouched) and rows(s) = row_idx[row_ptr[s]:row_ptr[s+1]] (r_s rows of the
+    pool, in that order; r_s = 0 adds nothing):
+        h[t, j] = sum_i A_rows[rows(s)[j], i] * x[t, i]                               (fp32)
+        y[t, o] = R(y[t, o] + scales[s] * sum_j h[t, j] * B_rows[rows(s)[j], o])       (fp32, one rounding R)
+    Shapes: y [T, O], x [T, I], A_rows [P, I], B_rows [P, O] (row j of B_rows is a column of some
+    adapter's B), row_ptr [N+1] int32, row_idx [nnz] int32, scales [N] float32, seg_ptr [S+1] int32,
+    seg_slot [S] int32. x, y, A_rows, B_rows share one dtype (float32, float16, bfloat16); everything on
+    one device. Ranks are exact and may differ per slot.
+
+    Bad arguments raise ValueError naming the argument, its value and the limit, before y is written.
+    Index contents are checked by the op itself when the index tensors are on the CPU. On a GPU the op
+    never synchronises and checks only sizes and dtypes (its kernels skip an out-of-range slot or row);
+    `check=True` makes this wrapper check the contents first (one device-to-host copy, so it
+    synchronises). A server that validated its host-side plan (pylora.plan) passes check=False.
+
+    No gradients: the op writes y in place and has no autograd formula, so it refuses inputs that
+    require grad while grad mode is on; run it under torch.no_grad() or torch.inference_mode().
+    """
+    if torch.is_grad_enabled():
+        for name, t in (("y", y), ("x", x), ("A_rows", A_rows), ("B_rows", B_rows), ("scales", scales)):
+            if t.requires_grad:
+                raise RuntimeError(f"lora_apply_: {name}.requires_grad=True, but the op has no autograd formula "
+                                   "(gradients through the pool are not provided); call it under torch.no_grad() "
+                                   "or torch.inference_mode()")
+    kernel = None if _force_reference.get() else _compiled("lora_apply_", y.device.type)
+    if kernel is None:
+        ref.lora_apply_(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
+        return
+    if check and row_ptr.device.type != "cpu":
+        ref.check_lora_apply_args("lora_apply_", y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
+        ref.check_lora_apply_plan(row_ptr, row_idx, seg_ptr, seg_slot, y.shape[0], A_rows.shape[0])
+    kernel(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +235,10 @@ if _ext.loaded:
                                    output_mask):
         shapes = (x.shape, weight.shape, (lora_B.shape[0],), lora_A.shape, lora_B.shape)
         return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))
+
+    @torch.library.register_fake("pylora::lora_apply_")
+    def _lora_apply_fake(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -381,3 +381,104 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p,
         if need_A:
             out[3] = u.t() @ (_dropped(x, keep, dropout_p) if keep is not None else x)
     return tuple(out)
+# lora_apply_: batched LoRA over a paged pool of rank rows
+# ----------------------------------------------------------------------------------------------
+
+def check_lora_apply_args(op, y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot):
+    """Dims, dtypes, devices and shapes of lora_apply_, with the messages of csrc/common/lora_apply_args.cpp."""
+    for name, t, dim, shape in (("y", y, 2, "[T, O]"), ("x", x, 2, "[T, I]"), ("A_rows", A_rows, 2, "[P, I]"),
+                                ("B_rows", B_rows, 2, "[P, O]"), ("row_ptr", row_ptr, 1, "[N+1]"),
+                                ("row_idx", row_idx, 1, "[nnz]"), ("scales", scales, 1, "[N]"),
+                                ("seg_ptr", seg_ptr, 1, "[S+1]"), ("seg_slot", seg_slot, 1, "[S]")):
+        if t.dim() != dim:
+            raise _value_error(op, f"{name}.dim()={t.dim()} must be {dim} ({shape})")
+    if y.dtype not in _STORAGE_DTYPES:
+        raise _value_error(op, f"y.dtype={_dtype_name(y.dtype)} is not supported (float32, float16, bfloat16)")
+    for name, t in (("x", x), ("A_rows", A_rows), ("B_rows", B_rows)):
+        if t.dtype != y.dtype:
+            raise _value_error(op, f"{name}.dtype={_dtype_name(t.dtype)} must equal y.dtype={_dtype_name(y.dtype)}")
+    for name, t in (("row_ptr", row_ptr), ("row_idx", row_idx), ("seg_ptr", seg_ptr), ("seg_slot", seg_slot)):
+        if t.dtype != torch.int32:
+            raise _value_error(op, f"{name}.dtype={_dtype_name(t.dtype)} must be int32")
+    if scales.dtype != torch.float32:
+        raise _value_error(op, f"scales.dtype={_dtype_name(scales.dtype)} must be float32")
+    for name, t in (("x", x), ("A_rows", A_rows), ("B_rows", B_rows), ("row_ptr", row_ptr), ("row_idx", row_idx),
+                    ("scales", scales), ("seg_ptr", seg_ptr), ("seg_slot", seg_slot)):
+        if t.device != y.device:
+            raise _value_error(op, f"{name}.device={t.device} must equal y.device={y.device}")
+    if x.shape[0] != y.shape[0]:
+        raise _value_error(op, f"x.size(0)={x.shape[0]} must equal y.size(0)={y.shape[0]} (T)")
+    if A_rows.shape[1] != x.shape[1]:
+        raise _value_error(op, f"A_rows.size(1)={A_rows.shape[1]} must equal x.size(1)={x.shape[1]} (I)")
+    if B_rows.shape[1] != y.shape[1]:
+        raise _value_error(op, f"B_rows.size(1)={B_rows.shape[1]} must equal y.size(1)={y.shape[1]} (O)")
+    if B_rows.shape[0] != A_rows.shape[0]:
+        raise _value_error(op, f"B_rows.size(0)={B_rows.shape[0]} must equal A_rows.size(0)={A_rows.shape[0]} (P)")
+    if row_ptr.numel() < 1:
+        raise _value_error(op, f"row_ptr.numel()={row_ptr.numel()} must be >= 1 (N+1)")
+    if scales.numel() != row_ptr.numel() - 1:
+        raise _value_error(op, f"scales.numel()={scales.numel()} must equal row_ptr.numel()-1={row_ptr.numel() - 1} (N)")
+    if seg_ptr.numel() < 1:
+        raise _value_error(op, f"seg_ptr.numel()={seg_ptr.numel()} must be >= 1 (S+1)")
+    if seg_slot.numel() != seg_ptr.numel() - 1:
+        raise _value_error(op, f"seg_slot.numel()={seg_slot.numel()} must equal seg_ptr.numel()-1="
+                               f"{seg_ptr.numel() - 1} (S)")
+    if torch._debug_has_internal_overlap(y) == 1:
+        raise _value_error(op, f"y.stride()={list(y.stride())} makes elements of y share memory; "
+                               "y must not overlap itself")
+
+
+def _first(mask: torch.Tensor) -> int | None:
+    idx = mask.nonzero()
+    return int(idx[0, 0]) if idx.numel() else None
+
+
+def check_lora_apply_plan(row_ptr, row_idx, seg_ptr, seg_slot, T, P, op="lora_apply_"):
+    """The index contents of lora_apply_, checked in the C++ op's order with its messages.
+
+    row_ptr [N+1] starts at 0, never decreases and ends at row_idx.numel(); row_idx [nnz] in [0, P);
+    seg_ptr [S+1] starts at 0, never decreases and ends at T; seg_slot [S] in [-1, N).
+    Tensors on a GPU are copied to the host in one transfer (this synchronises with the device).
+    """
+    sizes = [row_ptr.numel(), row_idx.numel(), seg_ptr.numel(), seg_slot.numel()]
+    flat = torch.cat([row_ptr.reshape(-1), row_idx.reshape(-1), seg_ptr.reshape(-1), seg_slot.reshape(-1)]).cpu()
+    rp, ri, sp, ss = (t.long() for t in torch.split(flat, sizes))
+    N, nnz, S = sizes[0] - 1, sizes[1], sizes[3]
+    if int(rp[0]) != 0:
+        raise _value_error(op, f"row_ptr[0]={int(rp[0])} must be 0")
+    s = _first(rp[1:] < rp[:-1])
+    if s is not None:
+        raise _value_error(op, f"row_ptr[{s + 1}]={int(rp[s + 1])} must be >= row_ptr[{s}]={int(rp[s])} "
+                               "(row_ptr is non-decreasing)")
+    if int(rp[N]) != nnz:
+        raise _value_error(op, f"row_ptr[N={N}]={int(rp[N])} must equal row_idx.numel()={nnz} (nnz)")
+    k = _first((ri < 0) | (ri >= P))
+    if k is not None:
+        raise _value_error(op, f"row_idx[{k}]={int(ri[k])} must be in [0, P={P})")
+    if int(sp[0]) != 0:
+        raise _value_error(op, f"seg_ptr[0]={int(sp[0])} must be 0")
+    g = _first(sp[1:] < sp[:-1])
+    if g is not None:
+        raise _value_error(op, f"seg_ptr[{g + 1}]={int(sp[g + 1])} must be >= seg_ptr[{g}]={int(sp[g])} "
+                               "(seg_ptr is non-decreasing)")
+    if int(sp[S]) != T:
+        raise _value_error(op, f"seg_ptr[S={S}]={int(sp[S])} must equal T={T}")
+    g = _first((ss < -1) | (ss >= N))
+    if g is not None:
+        raise _value_error(op, f"seg_slot[{g}]={int(ss[g])} must be in [-1, N={N})")
+
+
+def lora_apply_(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot):
+    """Reference of torch.ops.pylora.lora_apply_: one segment at a time, fp32 matmuls, one rounding into y."""
+    check_lora_apply_args("lora_apply_", y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
+    check_lora_apply_plan(row_ptr, row_idx, seg_ptr, seg_slot, y.shape[0], A_rows.shape[0])
+    rp, sp, ss = row_ptr.tolist(), seg_ptr.tolist(), seg_slot.tolist()
+    for g, s in enumerate(ss):
+        t0, t1 = sp[g], sp[g + 1]
+        # No adapter, no tokens, or a slot without rows here: nothing is added and y keeps its bits.
+        if s == -1 or t1 == t0 or rp[s + 1] == rp[s]:
+            continue
+        rows = row_idx[rp[s]:rp[s + 1]].long()
+        h = x[t0:t1].float() @ A_rows[rows].float().t()  # [n, r]
+        delta = h @ B_rows[rows].float()  # [n, O]
+        y[t0:t1] = torch.addcmul(y[t0:t1].float(), scales[s], delta).to(y.dtype)

@@ -1,0 +1,132 @@
+// fp32 vectors for the CPU kernels: load float32 / float16 / bfloat16 as fp32 lanes, fma, horizontal
+// sum, and store back with one round-to-nearest-even (torch's conversion, NaN kept NaN).
+// AVX-512 (16 lanes) or AVX2+FMA+F16C (8 lanes) by intrinsics; otherwise 8 lanes of plain C++ that
+// the compiler vectorises as it can. One API, so the kernels are written once.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#include <immintrin.h>
+#endif
+
+namespace pylora {
+namespace vec {
+
+#if defined(__AVX512F__)
+
+// GCC 12 reports its own AVX-512 intrinsics (their _mm512_undefined_* pass-through operands) as
+// uninitialised once inlined (GCC bug 105593); the pragma state of these wrappers is what it consults.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+constexpr int W = 16;
+using V = __m512;
+inline V zero() { return _mm512_setzero_ps(); }
+inline V set1(float f) { return _mm512_set1_ps(f); }
+inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+inline V load(const float* p) { return _mm512_loadu_ps(p); }
+inline V load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline V load(const c10::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline void store(c10::Half* p, V v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store(c10::BFloat16* p, V v) {
+  // (u + 0x7FFF + lsb) >> 16, NaN -> 0x7FC0: c10::BFloat16's round_to_nearest_even, lane by lane.
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
+#pragma GCC diagnostic pop
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+constexpr int W = 8;
+using V = __m256;
+inline V zero() { return _mm256_setzero_ps(); }
+inline V set1(float f) { return _mm256_set1_ps(f); }
+inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(V v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline V load(const float* p) { return _mm256_loadu_ps(p); }
+inline V load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline V load(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline void store(c10::Half* p, V v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store(c10::BFloat16* p, V v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  // packus works within 128-bit lanes: [r0..r3 r0..r3 | r4..r7 r4..r7]; gather the two halves.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+#else
+
+constexpr int W = 8;
+struct V {
+  float f[W];
+};
+inline V zero() { return V{}; }
+inline V set1(float x) {
+  V v;
+  for (int i = 0; i < W; ++i) v.f[i] = x;
+  return v;
+}
+// Multiply then add: a machine without FMA units would call libm's software fmaf here.
+inline V fma(V a, V b, V c) {
+  for (int i = 0; i < W; ++i) c.f[i] = c.f[i] + a.f[i] * b.f[i];
+  return c;
+}
+inline float hsum(V v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v.f[i];
+  return s;
+}
+template <class T>
+inline V load(const T* p) {
+  V v;
+  for (int i = 0; i < W; ++i) v.f[i] = static_cast<float>(p[i]);
+  return v;
+}
+template <class T>
+inline void store(T* p, V v) {
+  for (int i = 0; i < W; ++i) p[i] = static_cast<T>(v.f[i]);
+}
+
+#endif
+
+// Scalar conversions for the tails (the same roundings as the vector stores).
+template <class T>
+inline float to_f(T v) {
+  return static_cast<float>(v);
+}
+template <class T>
+inline T from_f(float f) {
+  return static_cast<T>(f);
+}
+
+}  // namespace vec
+}  // namespace pylora
