@@ -9,11 +9,13 @@ from pylora.io import AdapterError, load_adapter, save_adapter  # noqa: F401
 from pylora.inject import (ModulesToSave, get_config, inject, lora_layers, lora_state_dict,
                            mark_only_lora_trainable, merge, merge_and_unload, unload, unmerge)
 from pylora.layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from pylora.multi import MultiLoRA
+from pylora.pool import PoolFullError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "inject", "mark_only_lora_trainable", "lora_state_dict", "merge", "unmerge", "merge_and_unload",
     "unload", "get_config", "lora_layers", "ModulesToSave", "LoraLayer", "LoraLinear", "LoraEmbedding",
-    "LoraConv2d", "ops", "save_adapter", "load_adapter", "AdapterError",
+    "LoraConv2d", "ops", "save_adapter", "load_adapter", "AdapterError", "MultiLoRA", "PoolFullError",
 ]

@@ -269,3 +269,26 @@ def test_refuses_models_with_lora_layers_and_conv2d_adapters(adapters):
     with pytest.raises(ValueError, match="conv1 is a Conv2d LoRA layer"):
         server.load_adapter("c", net)
     assert server.adapters == []
+
+
+def test_load_from_peft_directories(adapters, expected_logits, tmp_path):
+    peft = pytest.importorskip("peft")
+    # One adapter written by pylora, one by PEFT itself, both read through pylora.io.
+    pylora.save_adapter(adapters["r4_qv"], tmp_path / "ours")
+    targets, r, alpha, rs, rp = ADAPTERS["r8_mlp"]
+    pm = peft.get_peft_model(make_base(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
+    copy_lora_into_peft(adapters["r8_mlp"], pm)
+    pm.save_pretrained(tmp_path / "theirs")
+    server = pylora.MultiLoRA(make_base())
+    server.load_adapters({"r4_qv": tmp_path / "ours", "r8_mlp": tmp_path / "theirs"}, progress=False)
+    assert server.adapters == ["r4_qv", "r8_mlp"]
+    names = ["r8_mlp", "r4_qv", None]
+    out = server(input_ids=batch_ids(rows=3), adapter_names=names).logits
+    for row, n in enumerate(names):
+        assert rel_err(out[row], expected_logits[n][row]) < 1e-5, n
+    # A broken directory is an AdapterError and leaves the server as it was.
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(pylora.AdapterError, match="adapter_config.json"):
+        server.load_adapter("broken", tmp_path / "broken")
+    assert server.adapters == ["r4_qv", "r8_mlp"]
