@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read adapter_model.bin with torch.load(weights_only=True) when there is no safetensors")
     p.set_defaults(func=_info)
+    p = sub.add_parser("demo", help="train adapters on synthetic tasks, serve them in one mixed batch, check exact "
+                                    "merge/unmerge, and report accuracy and throughput")
+    from pylora import demo
+
+    demo.add_arguments(p)
+    p.set_defaults(func=lambda args: demo.run(args))
     return parser
 
 
