@@ -1,11 +1,12 @@
 """lora_linear / lora_linear_backward: kernels and reference against a float64 truth (forward and every
 gradient), the dropout mask bit for bit, gradcheck, opcheck, argument errors, output_mask, saved tensors."""
 import math
+import subprocess
 
 import pytest
 import torch
 
-from conftest import DTYPES, HAS_CUDA, TOL
+from conftest import DTYPES, HAS_CUDA, PYTHON, TOL
 from pylora import _ext, ops
 from pylora import reference as ref
 
@@ -397,7 +398,7 @@ FWD_BAD = [
     ("rank 0", _with(lora_A=lambda a: a["lora_A"][:0], lora_B=lambda a: a["lora_B"][:, :0]),
      r"lora_A\.size\(0\)=0 \(r\) must be >= 1"),
     ("ranks differ", _with(lora_B=lambda a: a["lora_B"][:, :2]), r"lora_B\.size\(1\)=2 must equal lora_A\.size\(0\)=4 \(r\)"),
-    ("I differs", _with(x=lambda a: torch.randn(5, 11)), r"x\.size\(1\)=11 must equal lora_A\.size\(1\)=10 \(I\)"),
+    ("I differs", _with(x=lambda a: torch.randn(5, 11, device=a["x"].device)), r"x\.size\(1\)=11 must equal lora_A\.size\(1\)=10 \(I\)"),
     ("weight shape", _with(weight=lambda a: a["weight"][:7]),
      r"weight\.shape=\[7, 10\] must equal \[O, I\]=\[12, 10\] from lora_A \[r, I\]=\[4, 10\] and lora_B \[O, r\]=\[12, 4\] "
      r"\(fan_in_fan_out=False\)"),
@@ -516,3 +517,26 @@ def test_opcheck(device, p):
     for mask in ([True] * 5, [True, False, False, True, False]):
         torch.library.opcheck(torch.ops.pylora.lora_linear_backward.default,
                               (grad_y, x.detach(), W, A.detach(), B.detach(), h, 1.5, p, 21, False, mask))
+
+
+def test_reference_path_with_extension_disabled(python_env):
+    """Without pylora._C, ops.lora_linear runs the reference and torch autograd differentiates it."""
+    code = (
+        "import torch, pylora\n"
+        "from pylora import _ext, ops, reference as ref\n"
+        "assert not _ext.loaded and ops.backend('lora_linear', 'cpu') == 'reference'\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(2, 3, 20, requires_grad=True); W = torch.randn(8, 20); A = torch.randn(4, 20, requires_grad=True)\n"
+        "B = torch.randn(8, 4, requires_grad=True)\n"
+        "y = ops.lora_linear(x, W, None, A, B, 0.5, dropout_p=0.3, seed=7)\n"
+        "keep = ref.dropout_keep(7, 6, 20, 0.3)\n"
+        "dx = torch.where(keep, x.reshape(6, 20) / 0.7, torch.zeros(()))\n"
+        "want = x.reshape(6, 20) @ W.t() + 0.5 * (dx @ A.t()) @ B.t()\n"
+        "torch.testing.assert_close(y.reshape(6, 8), want)\n"
+        "y.sum().backward()\n"
+        "assert x.grad.shape == x.shape and A.grad is not None and B.grad is not None\n"
+        "print('ok')\n"
+    )
+    env = dict(python_env, PYLORA_DISABLE_EXT="1")
+    out = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
