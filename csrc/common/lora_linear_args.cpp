@@ -1,5 +1,7 @@
 #include "lora_linear_args.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
+
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -104,6 +106,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const LinearProblem& pb, 
                                                        const std::optional<at::Tensor>& bias,
                                                        const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                        MaskedShrinkFn masked_shrink) {
+  // The op is registered at a backend key below its own autograd: the ATen calls inside must not
+  // be recorded (or refused, for the out= GEMMs) by autograd again.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::Tensor h;
   if (pb.dropout_p > 0.0) {
     h = at::empty({pb.T, pb.r}, x.options());
@@ -127,6 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const LinearProblem& pb, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& h, std::array<bool, 5> output_mask,
     MaskedBackwardFn masked_backward) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2], need_A = output_mask[3],
              need_B = output_mask[4];
   const auto none = [&] { return at::empty({0}, x.options()); };

@@ -9,6 +9,7 @@
 // dX is updated in place, in the same tile pass that computes u A: no second [T, I] temporary.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -99,12 +100,13 @@ template <class scalar_t>
 void masked_shrink_impl(const LinearProblem& pb, const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& h) {
   using acc_t = typename AccOf<scalar_t>::type;
   const auto acc_opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor A = lora_A.to(acc_opt).contiguous();  // [r, I], small
+  const at::Tensor A = lora_A.detach().to(acc_opt).contiguous();  // [r, I], small
   const dropout::Key key = pb.key();
   const acc_t inv = static_cast<acc_t>(pb.inv_keep());
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
   at::parallel_for(0, num_row_tiles(pb), 1, [&](int64_t b, int64_t e) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch TLS is per thread
     at::Tensor buf = at::empty({kRowTile, kColTile}, acc_opt);
     at::Tensor hacc = at::empty({kRowTile, pb.r}, acc_opt);
     std::vector<uint8_t> mask(kRowTile * kColTile);
@@ -136,8 +138,8 @@ void masked_backward_impl(const LinearProblem& pb, const at::Tensor& x, const at
   using acc_t = typename AccOf<scalar_t>::type;
   const bool need_x = grad_x.defined(), need_A = grad_A.defined();
   const auto acc_opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor A = lora_A.to(acc_opt).contiguous();  // [r, I]
-  const at::Tensor U = u.to(acc_opt).contiguous();       // [T, r]
+  const at::Tensor A = lora_A.detach().to(acc_opt).contiguous();  // [r, I]
+  const at::Tensor U = u.detach().to(acc_opt).contiguous();       // [T, r]
   const dropout::Key key = pb.key();
   const acc_t inv = static_cast<acc_t>(pb.inv_keep());
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -149,6 +151,7 @@ void masked_backward_impl(const LinearProblem& pb, const at::Tensor& x, const at
   std::vector<std::pair<int64_t, at::Tensor>> partials;
   std::mutex partials_mutex;
   at::parallel_for(0, num_row_tiles(pb), 1, [&](int64_t b, int64_t e) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch TLS is per thread
     std::vector<uint8_t> mask(kRowTile * kColTile);
     at::Tensor dxbuf = need_A ? at::empty({kRowTile, kColTile}, acc_opt) : at::Tensor();
     at::Tensor tmpbuf = need_x ? at::empty({kRowTile, kColTile}, acc_opt) : at::Tensor();
