@@ -219,10 +219,17 @@ class MultiLoRA(nn.Module):
             from pylora import io
 
             adapter = io.read_adapter(source)
-            if adapter.extra_tensors:
+            # The whole-embedding tensors PEFT saves beside an embedding target are the base model's own
+            # (unless the vocabulary was resized): accepted when they equal the served model's.
+            other = []
+            for key, t in adapter.extra_tensors.items():
+                mine = _parameter(self.model, key) if adapter.extra_kinds.get(key) == "embedding" else None
+                if mine is None or mine.shape != t.shape or not torch.equal(mine.detach().cpu().to(t.dtype), t):
+                    other.append(key)
+            if other:
                 raise ValueError(f"MultiLoRA.load_adapter({name!r}): {source} also holds "
-                                 f"{', '.join(sorted(adapter.extra_tensors)[:4])} (modules_to_save or trained "
-                                 "biases); serving supports LoRA factors only")
+                                 f"{', '.join(sorted(other)[:4])} (modules_to_save, trained biases or a resized "
+                                 "embedding); serving supports LoRA factors over the unchanged base model only")
             out = {}
             for mname, mw in adapter.modules.items():
                 if mw.kind == "conv2d" or mw.lora_B_bias is not None:
@@ -326,6 +333,19 @@ def _features(module: nn.Module):
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
     return None, None
+
+
+def _parameter(model: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """A base-model parameter by its plain name (looking through served wrappers)."""
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return None
+    if isinstance(module, ServedLayer):
+        module = module.base_layer
+    t = getattr(module, leaf, None)
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def _batch_rows(args, kwargs) -> int:

@@ -292,3 +292,16 @@ def test_load_from_peft_directories(adapters, expected_logits, tmp_path):
     with pytest.raises(pylora.AdapterError, match="adapter_config.json"):
         server.load_adapter("broken", tmp_path / "broken")
     assert server.adapters == ["r4_qv", "r8_mlp"]
+
+
+def test_embedding_adapter_from_directory(adapters, expected_logits, tmp_path):
+    # PEFT (and pylora) save the whole embedding beside an embedding target; it equals the base's.
+    path = pylora.save_adapter(adapters["emb"], tmp_path / "emb")
+    server = pylora.MultiLoRA(make_base())
+    server.load_adapter("emb", path)
+    out = server(input_ids=batch_ids(rows=2), adapter_names=["emb", None]).logits
+    assert rel_err(out[0], expected_logits["emb"][0]) < 1e-5
+    other = pylora.MultiLoRA(tiny_llama(seed=3, vocab=VOCAB, hidden=HIDDEN))  # another base: a different embedding
+    with pytest.raises(ValueError, match=r"also holds model\.embed_tokens\.weight"):
+        other.load_adapter("emb", path)
+    assert other.adapters == []
