@@ -6,8 +6,9 @@ same tensors), every tensor transformed as pylora.merge_plan says (the adapters 
 pylora.ops.merge_, cast when a dtype is asked for), the index's metadata.total_size recomputed, and
 every other file copied (weights in other formats are left out: they would hold the unmerged model).
 
-Memory: one tensor at a time is read, transformed and written (pylora.safetensors_stream); the adapters
-are held whole (they are small).
+Memory: one tensor at a time is read (into one buffer the size of the largest), transformed and written
+(pylora.safetensors_stream); a dtype change adds the converted copy; the adapters are held whole (they
+are small).
 
 Safety: every adapter is read and validated and every target found, with its shape and dtype checked,
 before anything is written; the output is written to a temporary directory beside it and renamed into
@@ -82,7 +83,8 @@ def read_layout(base: str) -> Layout:
     Like transformers, model.safetensors is used when present, else model.safetensors.index.json.
     """
     if not os.path.isdir(base):
-        raise CheckpointError(f"base checkpoint {base}: {'not a directory' if os.path.exists(base) else 'no such directory'}")
+        what = "not a directory" if os.path.exists(base) else "no such directory"
+        raise CheckpointError(f"base checkpoint {base}: {what}")
     single, index_path = os.path.join(base, SINGLE_NAME), os.path.join(base, INDEX_NAME)
     if os.path.isfile(single):
         header = _header(single)
@@ -161,9 +163,11 @@ def _adapter_args(adapters) -> list[tuple[str, float]]:
 
 def _to_copy(layout: Layout) -> tuple[list[str], list[str]]:
     """(files to copy, files left out), as paths relative to the base directory."""
-    copy, skipped = [], []
+    copy, skipped, seen = [], [], set()
+    # Links are followed (a model in the Hugging Face cache is links to blobs), each directory once.
     for root, dirs, files in os.walk(layout.base, followlinks=True):
-        dirs.sort()
+        seen.add(os.path.realpath(root))
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in seen)
         for name in sorted(files):
             rel = os.path.relpath(os.path.join(root, name), layout.base)
             if root == layout.base and (name in layout.files or name == INDEX_NAME or OTHER_WEIGHTS.match(name)):
@@ -217,7 +221,7 @@ def _install(tmp: str, out: str, overwrite: bool) -> None:
         os.rename(tmp, out)  # onto an empty directory too (POSIX rename replaces it)
 
 
-def _write_file(layout: Layout, name: str, plan: Plan, out_dtype, dst: str, bar) -> int:
+def _write_file(layout: Layout, name: str, plan: Plan, out_dtype, dst: str, buffer: torch.Tensor, bar) -> int:
     header = layout.headers[name]
     specs = {k: (out_dtype if out_dtype is not None and e.dtype.is_floating_point else e.dtype, e.shape)
              for k, e in header.entries.items()}
@@ -225,7 +229,9 @@ def _write_file(layout: Layout, name: str, plan: Plan, out_dtype, dst: str, bar)
     with open(header.path, "rb") as f, StreamWriter(dst, specs, header.metadata) as writer:
         for key in writer.order:
             entry = header.entries[key]
-            t = read_tensor(f, entry)
+            # Into the one read buffer: transform() changes it in place and the writer has written it
+            # before the next tensor is read.
+            t = read_tensor(f, entry, buffer)
             ops_ = plan.ops.get(key, []) if layout.where.get(key) == name else []
             out = transform(key, t, ops_, out_dtype)
             del t
@@ -289,8 +295,11 @@ def merge_checkpoint(base_dir: Union[str, os.PathLike], adapters, out_dir: Union
     try:
         with tqdm(total=total, desc="pylora merge", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                   disable=not progress_enabled(progress)) as bar:
+            largest = max((e.nbytes for h in layout.headers.values() for e in h.entries.values()), default=0)
+            buffer = torch.empty(largest, dtype=torch.uint8)
             for name in layout.files:
-                _write_file(layout, name, plan, out_dtype, os.path.join(tmp, name), bar)
+                _write_file(layout, name, plan, out_dtype, os.path.join(tmp, name), buffer, bar)
+            del buffer
         if layout.index is not None:
             index = dict(layout.index)
             index["metadata"] = dict(index.get("metadata") or {})

@@ -81,9 +81,10 @@ class Op:
     value: Optional[torch.Tensor] = None
 
     def describe(self) -> str:
-        what = {"replace": "the saved tensor", "lora": "the LoRA update of module",
-                "bias": "the lora_B.bias of module"}[self.kind]
-        return f"{what} {self.source!r} of adapter {self.adapter} (scale {self.scale:g})"
+        if self.kind == "replace":
+            return f"the saved tensor {self.source!r} of adapter {self.adapter}"
+        what = "the LoRA update" if self.kind == "lora" else "the lora_B.bias"
+        return f"{what} of module {self.source!r} of adapter {self.adapter} (scale {self.scale:g})"
 
     def apply(self, w: torch.Tensor) -> None:
         """Change w in place; ValueError naming the position when the result would not be finite."""
@@ -102,6 +103,13 @@ class Op:
 
 def _check_finite(result: torch.Tensor, source: torch.Tensor) -> None:
     """ValueError at the first element that is finite in source but not in result (an overflow)."""
+    if result.numel() == 0:
+        return
+    # The common case with no temporaries (a reduction; NaN propagates into min and max): boolean masks
+    # of a large tensor would cost more memory than the merge itself.
+    lo, hi = torch.aminmax(result.reshape(-1))
+    if math.isfinite(lo.item()) and math.isfinite(hi.item()):
+        return
     bad = ~torch.isfinite(result) & torch.isfinite(source)
     if bad.any():
         pos = [int(i) for i in bad.nonzero()[0]]
@@ -146,11 +154,10 @@ def _cast_check(key: str, out: torch.Tensor, src: torch.Tensor) -> None:
 
 @dataclass
 class Plan:
-    """ops: checkpoint key -> the ops on it, in order; targets: (adapter, source) -> key; tied: the
-    output embeddings found under the input embedding's name; warnings for the user."""
+    """ops: checkpoint key -> the ops on it, in order; tied: the output embeddings' weights found under
+    the input embedding's name; warnings for the user."""
 
     ops: dict[str, list[Op]] = field(default_factory=dict)
-    targets: dict[tuple[str, str], str] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -254,6 +261,9 @@ def build_plan(specs: dict[str, Spec], config: Optional[dict], adapters: list, o
                         "embedding too, as PEFT's merge does, so the merged model is not the unmerged adapter's")
                 plan.tied[name] = key
             why = why_tied or why
+        elif key is None and names.tied(name)[0] is not None:
+            why += (f" ({name!r} is tied to {names.tied(name)[0]!r} by tie_word_embeddings: the merged checkpoint "
+                    "cannot hold a separate copy of it)")
         if key is None:
             problems.append(f"{where}: {why}")
         return key
@@ -264,7 +274,6 @@ def build_plan(specs: dict[str, Spec], config: Optional[dict], adapters: list, o
             plan.warnings.append(f"tensor {key!r}: adapter {op.adapter} replaces it with {op.source!r}, discarding "
                                  f"what {len(earlier)} change(s) of earlier adapters did to it")
         plan.ops.setdefault(key, []).append(op)
-        plan.targets[(op.adapter, op.source)] = key
 
     for path, adapter, weight in adapters:
         for name, value in adapter.extra_tensors.items():

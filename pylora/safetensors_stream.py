@@ -120,9 +120,18 @@ def read_header(path: str) -> Header:
     return Header(path, metadata, entries)
 
 
-def read_tensor(f, entry: Entry) -> torch.Tensor:
-    """The tensor `entry` describes, read from the open binary file `f` into memory of its own."""
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+def read_tensor(f, entry: Entry, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The tensor `entry` describes, read from the open binary file `f` into memory of its own, or into
+    the start of `buffer` (1-D uint8 of at least entry.nbytes), which the result then shares: reusing one buffer
+    for tensor after tensor keeps the allocator from holding freed tensors' memory (glibc keeps freed
+    blocks of up to 32 MiB in the heap, so a loop of fresh tensors can hold two or three at a time)."""
+    if buffer is None:
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    elif buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < entry.nbytes:
+        raise ValueError(f"read_tensor: buffer is {buffer.dtype} {list(buffer.shape)}; expected uint8 of at least "
+                         f"{entry.nbytes} bytes")
+    else:
+        buf = buffer[:entry.nbytes]
     if entry.nbytes:
         f.seek(entry.start)
         got = f.readinto(memoryview(buf.numpy()))
