@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# pylora.checkpoint.OUT_DTYPES' names, here without importing torch before the arguments are parsed.
+OUT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
 
 def _size(nbytes: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -110,9 +113,103 @@ def _info(args) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised so that the merge cleans up its temporary output on the way out."""
+
+
+class _AdapterAction(argparse.Action):
+    """--adapter DIR: one more adapter, weight 1 until a --weight follows it."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.adapters = list(namespace.adapters or []) + [[value, None]]
+
+
+class _WeightAction(argparse.Action):
+    """--weight W: the weight of the --adapter just before it."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        import math
+
+        adapters = namespace.adapters or []
+        if not adapters:
+            parser.error(f"--weight {value} comes before any --adapter; write --adapter DIR --weight W")
+        if adapters[-1][1] is not None:
+            parser.error(f"--weight {value}: adapter {adapters[-1][0]} already has --weight {adapters[-1][1]:g}; give "
+                         "at most one --weight after each --adapter")
+        try:
+            weight = float(value)
+        except ValueError:
+            parser.error(f"--weight {value!r} is not a number")
+        if not math.isfinite(weight):
+            parser.error(f"--weight {value!r} is not finite")
+        adapters[-1][1] = weight
+
+
+def _merge(args) -> int:
+    from pylora.checkpoint import merge_checkpoint
+
+    adapters = [(path, 1.0 if weight is None else weight) for path, weight in args.adapters]
+    s = merge_checkpoint(args.base, adapters, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                         allow_pickle=args.allow_pickle)
+    for warning in s["warnings"]:
+        print(f"pylora merge: warning: {warning}", file=sys.stderr)
+    described = "; ".join(f"{a['path']} ({a['modules']} LoRA modules, {a['saved_tensors']} saved tensors, weight "
+                          f"{a['weight']:g})" for a in s["adapters"])
+    lines = [f"merged {len(s['adapters'])} adapter{'s' if len(s['adapters']) > 1 else ''}: {described}",
+             f"into {s['out_dir']}: {s['changed_tensors']} of {s['tensors']} tensors changed ({s['lora_updates']} LoRA "
+             f"updates, {s['bias_updates']} lora_B biases, {s['replacements']} replaced), {len(s['files'])} "
+             f"safetensors file{'s' if len(s['files']) > 1 else ''}{' and the index' if s['sharded'] else ''}, "
+             f"{_size(s['bytes'])}, dtype {s['dtype'] or 'as the input'}, in {s['seconds']:.1f} s"]
+    for output, embedding in s["tied"].items():
+        lines.append(f"tied: {output} is stored as {embedding} (tie_word_embeddings): its update went there")
+    lines.append(f"copied: {', '.join(s['copied']) or 'nothing'}")
+    if s["skipped"]:
+        lines.append(f"not copied (weights in another format, or not regular files): {', '.join(s['skipped'])}")
+    print("\n".join(lines))
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line[2:] if line.startswith("- ") else line for line in lines] or [type(exc).__name__]
+    text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+    expected = isinstance(exc, (ValueError, OSError))  # CheckpointError, AdapterError, SafetensorsError, I/O
+    return text if expected else f"{type(exc).__name__}: {text}"
+
+
+def _run_merge(args) -> int:
+    """Every failure as one line on stderr and a non-zero status (PYLORA_TRACEBACK=1 shows the traceback)."""
+    import os
+    import signal
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return _merge(args)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        print(f"pylora merge: {'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}; the output "
+              "directory is as it was", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 143
+    except Exception as exc:
+        if os.environ.get("PYLORA_TRACEBACK"):
+            raise
+        print(f"pylora merge: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, not argparse's usage block: the message says what is wrong, --help the rest.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pylora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="pylora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("info", help="versions, what the extension holds, the GPU, each op's backends; with "
                                     "--adapter, what an adapter directory holds and the problems found")
     p.add_argument("--adapter", metavar="DIR", help="describe the PEFT adapter in DIR (no model needed)")
@@ -126,6 +223,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_arguments(p)
     p.set_defaults(func=lambda args: demo.run(args))
+
+    p = sub.add_parser("merge", help="merge PEFT adapters into a safetensors checkpoint, tensor by tensor",
+                       description="Merge PEFT LoRA adapters into a transformers-style safetensors checkpoint "
+                                   "(model.safetensors, or shards with model.safetensors.index.json), one tensor "
+                                   "at a time: W += weight * scale * B A for each adapter in turn, accumulated in "
+                                   "fp32. Everything is checked before anything is written; the output appears "
+                                   "only when complete. Other files (config, tokenizer, ...) are copied.")
+    p.add_argument("--base", required=True, metavar="DIR", help="the checkpoint directory to merge into (read only)")
+    p.add_argument("--adapter", required=True, metavar="DIR", action=_AdapterAction, dest="adapters",
+                   help="a PEFT adapter directory; repeat for several, applied in order")
+    p.add_argument("--weight", metavar="W", action=_WeightAction, dest="weight_",
+                   help="the weight of the --adapter just before it (default 1): W += weight * scale * B A")
+    p.add_argument("--out", required=True, metavar="DIR", help="the output directory (must not exist or be empty)")
+    p.add_argument("--dtype", choices=sorted(OUT_DTYPE_NAMES),
+                   help="write floating tensors in this dtype (merged in float32 when it differs from theirs); "
+                        "default: each tensor's own")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read adapter_model.bin with torch.load(weights_only=True) when there is no safetensors")
+    p.set_defaults(func=_run_merge)
     return parser
 
 
