@@ -179,30 +179,32 @@ void expand_tail(const Ctx<T>& c, const Group& g, int64_t t, int64_t nt, int64_t
   }
 }
 
-// Decode-sized groups (at most kDecodeRT tokens): too few tokens to pay for packing, so B is read
-// straight from the pool, like A in the shrink: kDecodeRR rows at a time, each row one long
-// sequential run over the columns (a few long streams are what the prefetchers follow; r short
-// interleaved runs are not), with the fp32 accumulators of the column chunk in L1 between row blocks.
-constexpr int kDecodeRT = 2, kDecodeRR = 8;
-constexpr int64_t kDecodeCols = 2048;  // columns per chunk: 8 KiB of accumulators per token
+// Small groups (at most kDecodeRT tokens: decode, and short segments whose packed panel would be used
+// once): B is read straight from the pool, like A in the shrink: kDecodeRR rows at a time, each row
+// one long sequential run over the columns (a few long streams are what the prefetchers follow; r
+// short interleaved runs are not), each load of B feeding every token of the group, with the fp32
+// accumulators of the column chunk in L1 between row blocks.
+constexpr int kDecodeRT = 4, kDecodeRR = 8;
+constexpr int64_t kDecodeCols = 1024;  // columns per chunk: kDecodeRT x 4 KiB of accumulators
 
-// acc_q[i] = fma chain over the RR rows of b_k[i] * hq[k], continued from acc_q[i], for q < nt.
+// acc_q[i] = fma chain over the RR rows k of hq[k] * b_k[i], continued from acc_q[i], for q < nt.
 template <int RR, class T>
 inline void accumulate_rows(const T* const* b, const float* const* hq, int nt, int64_t nv, int64_t n,
                             float (*acc)[kDecodeCols]) {
-  for (int q = 0; q < nt; ++q) {
-    vec::V hv[RR];
-    for (int k = 0; k < RR; ++k) hv[k] = vec::set1(hq[q][k]);
-    float* a = acc[q];
-    for (int64_t i = 0; i < nv; i += W) {
-      vec::V v = vec::load(a + i);
-      for (int k = 0; k < RR; ++k) v = vec::fma(hv[k], vec::load(b[k] + i), v);
-      vec::store(a + i, v);
+  for (int64_t i = 0; i < nv; i += W) {
+    vec::V bv[RR];
+    for (int k = 0; k < RR; ++k) bv[k] = vec::load(b[k] + i);
+    for (int q = 0; q < nt; ++q) {
+      vec::V v = vec::load(acc[q] + i);
+      for (int k = 0; k < RR; ++k) v = vec::fma(vec::set1(hq[q][k]), bv[k], v);
+      vec::store(acc[q] + i, v);
     }
-    for (int64_t i = nv; i < n; ++i) {
-      float v = a[i];
+  }
+  for (int64_t i = nv; i < n; ++i) {
+    for (int q = 0; q < nt; ++q) {
+      float v = acc[q][i];
       for (int k = 0; k < RR; ++k) v += hq[q][k] * vec::to_f(b[k][i]);
-      a[i] = v;
+      acc[q][i] = v;
     }
   }
 }
