@@ -185,12 +185,12 @@ void expand_tail(const Ctx<T>& c, const Group& g, int64_t t, int64_t nt, int64_t
 // short interleaved runs are not), each load of B feeding every token of the group, with the fp32
 // accumulators of the column chunk in L1 between row blocks.
 constexpr int kDecodeRT = 4, kDecodeRR = 8;
-constexpr int64_t kDecodeCols = 1024;  // columns per chunk: kDecodeRT x 4 KiB of accumulators
+constexpr int64_t kDecodeAcc = 4096;  // fp32 accumulators (16 KiB, in L1): 4096 / nt columns per chunk
 
 // acc_q[i] = fma chain over the RR rows k of hq[k] * b_k[i], continued from acc_q[i], for q < nt.
 template <int RR, class T>
 inline void accumulate_rows(const T* const* b, const float* const* hq, int nt, int64_t nv, int64_t n,
-                            float (*acc)[kDecodeCols]) {
+                            float* const* acc) {
   for (int64_t i = 0; i < nv; i += W) {
     vec::V bv[RR];
     for (int k = 0; k < RR; ++k) bv[k] = vec::load(b[k] + i);
@@ -211,16 +211,19 @@ inline void accumulate_rows(const T* const* b, const float* const* hq, int nt, i
 
 template <class T>
 void expand_direct(const Ctx<T>& c, const Group& g, const Task& k) {
-  alignas(64) float acc[kDecodeRT][kDecodeCols];
+  alignas(64) float buf[kDecodeAcc];
   const int nt = static_cast<int>(k.t1 - k.t0);
+  const int64_t chunk = kDecodeAcc / nt / 64 * 64;
   T* yr[kDecodeRT];
   const float* hr[kDecodeRT];
+  float* acc[kDecodeRT];
   for (int q = 0; q < nt; ++q) {
     yr[q] = c.y + c.tok[g.tok0 + k.t0 + q] * c.ldy;
     hr[q] = c.h + g.h_off + (k.t0 + q) * g.r;
+    acc[q] = buf + q * chunk;
   }
-  for (int64_t ob = k.a0; ob < k.a1; ob += kDecodeCols) {
-    const int64_t n = std::min(kDecodeCols, k.a1 - ob);
+  for (int64_t ob = k.a0; ob < k.a1; ob += chunk) {
+    const int64_t n = std::min(chunk, k.a1 - ob);
     const int64_t nv = std::min(n, (c.O - ob) / W * W);  // vector columns, then the tail of O
     for (int q = 0; q < nt; ++q) std::fill(acc[q], acc[q] + n, 0.f);
     const T* b[kDecodeRR];
