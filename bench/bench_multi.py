@@ -49,31 +49,55 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device, repeats=15, warmup=3, min_time=0.3, max_repeats=60, flush=None) -> float:
-    """Median seconds of fn(k) over repeats (k counts calls, for rotating inputs) after warm-up."""
-    k = 0
-    for _ in range(warmup):
+def _time_once(fn, k, device, flush):
+    if flush is not None:
+        flush()
+    if device.type == "cuda":
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
         fn(k)
-        k += 1
+        e1.record()
+        e1.synchronize()
+        return e0.elapsed_time(e1) / 1e3
+    t0 = time.perf_counter()
+    fn(k)
+    return time.perf_counter() - t0
+
+
+def time_fns(fns: dict, device, repeats=15, warmup=3, min_time=0.3, max_repeats=60, flush=None,
+             max_seconds=None) -> dict:
+    """Median seconds per call of each fn(k) (k counts its calls, for rotating inputs), after warm-up.
+
+    The functions take turns, one call each per round, so a stretch of load from other processes on a
+    shared machine falls on all of them alike and the ratios between them hold. A function stops after
+    `repeats` calls once it has run `min_time` seconds, or at max_repeats, or (max_seconds: a slow
+    baseline) after max_seconds of its own time with at least 3 calls.
+    """
+    calls = {name: 0 for name in fns}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn(calls[name])
+            calls[name] += 1
     _sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < max_repeats):
-        if flush is not None:
-            flush()
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn(k)
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(k)
-            times.append(time.perf_counter() - t0)
-        k += 1
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+
+    def active(name):
+        ts = times[name]
+        if max_seconds is not None and len(ts) >= 3 and sum(ts) > max_seconds:
+            return False
+        return len(ts) < repeats or (sum(ts) < min_time and len(ts) < max_repeats)
+
+    while any(active(n) for n in fns):
+        for name, fn in fns.items():
+            if active(name):
+                times[name].append(_time_once(fn, calls[name], device, flush))
+                calls[name] += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def time_fn(fn, device, **kw) -> float:
+    """Median seconds per call of fn(k) (see time_fns)."""
+    return time_fns({"fn": fn}, device, **kw)["fn"]
 
 
 def copy_bandwidth(device, nbytes=512 << 20) -> float:
@@ -247,12 +271,12 @@ def bench_kernel_case(pool: Pool, T, I, O, r, n_adapters, popularity, dtype, dev
     def run_bmm(k):
         gather_bmm(ys[k % n_io], xs[k % n_io], slots[k % n_rot], pool)
 
+    gather_bytes = T * r * (I + O) * elt
+    fns = {"pylora": run_pylora, "peft_loop": run_peft, "gather_bmm": run_bmm}
+    fns = {m: f for m, f in fns.items() if m in methods and (m != "gather_bmm" or gather_bytes <= GATHER_BUDGET)}
     with torch.inference_mode():
-        t_py = time_fn(run_pylora, device, flush=flush) if "pylora" in methods else math.nan
-        t_peft = time_fn(run_peft, device, flush=flush) if "peft_loop" in methods else math.nan
-        gather_bytes = T * r * (I + O) * elt
-        t_bmm = (time_fn(run_bmm, device, flush=flush, repeats=7)
-                 if "gather_bmm" in methods and gather_bytes <= GATHER_BUDGET else None)
+        t = time_fns(fns, device, flush=flush, max_seconds=2.0)
+    t_py, t_peft, t_bmm = t.get("pylora", math.nan), t.get("peft_loop", math.nan), t.get("gather_bmm")
     floor = (used * r * (I + O) * elt + io_bytes) / bw
     compute = 2 * T * r * (I + O) / flops
     return Result(device.type, str(dtype).replace("torch.", ""), T, I, O, r, n_adapters, popularity, used,
@@ -285,7 +309,8 @@ def run_kernel_sweep(sweep, dtype, device, log=print) -> dict:
     gen = torch.Generator().manual_seed(0)
     bw = copy_bandwidth(device)
     flops = matmul_rate(device, dtype)
-    log(f"# {machine(device)} | copy {bw / 1e9:.1f} GB/s | {str(dtype).replace('torch.', '')} matmul "
+    load = f" | load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    log(f"# {machine(device)}{load} | copy {bw / 1e9:.1f} GB/s | {str(dtype).replace('torch.', '')} matmul "
         f"{flops / 1e9:.0f} GFLOP/s | threads {torch.get_num_threads()}")
     log(HEADER)
     results, pool, key = [], None, None
@@ -333,7 +358,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--quick", action="store_true", help="the reduced sweep (about ten minutes on two CPU cores)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/multi_kernel_<device>.json)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if ops.backend("lora_apply_", device) != "kernel":
@@ -343,6 +371,8 @@ def main(argv=None):
     report = run_kernel_sweep(QUICK if args.quick else FULL, dtype, device)
     report["sweep"] = "quick" if args.quick else "full"
     report["seconds"] = time.perf_counter() - t0
+    if hasattr(os, "getloadavg"):
+        report["loadavg_after"] = os.getloadavg()  # other processes on a shared machine skew timings
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"multi_kernel_{device.type}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

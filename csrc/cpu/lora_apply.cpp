@@ -127,17 +127,6 @@ void shrink_task(const Ctx<T>& c, const Task& k) {
     shrink_tokens<kShrinkRT>(c, g, t, std::min<int64_t>(kShrinkRT, k.t1 - t), k.a0, k.a1);
 }
 
-// B rows are scattered over the pool and each is read as one run of columns, too short for the hardware
-// prefetchers to ramp up on (they are tuned to long streams): the reading loops below ask for the run
-// of a row kAheadRows ahead while they work on the current one, so several rows are in flight.
-constexpr int64_t kAheadRows = 4;
-
-template <class T>
-inline void prefetch_run(const T* p, int64_t n) {
-  const char* b = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(b + off, 0, 3);
-}
-
 // Every output element gets the same fp32 sequence on every path below: acc = 0, then for j = 0 .. r-1
 // acc = fma(h[t, j], B[rows[j], o], acc) (vector lanes) or acc + h * B (the scalar tail, the last
 // O % W columns), then y = R(fma(s, acc, y)) (or R(y + s * acc) in the tail). So a token's bits do not
@@ -190,48 +179,65 @@ void expand_tail(const Ctx<T>& c, const Group& g, int64_t t, int64_t nt, int64_t
   }
 }
 
-// Decode-sized groups (at most kStreamRT tokens): each B row is read as one long sequential stream
-// (the register-blocked order would interleave r short streams, more than the prefetchers follow,
-// and wait on memory latency) into fp32 accumulators that stay in L1.
-constexpr int kStreamRT = 2;  // expand_stream is written for one or two tokens
-constexpr int64_t kStreamCols = 2048;  // columns per pass: kStreamRT x 8 KiB of accumulators
+// Small groups (at most kDecodeRT tokens: decode, and short segments whose packed panel would be used
+// once): B is read straight from the pool, like A in the shrink: kDecodeRR rows at a time, each row
+// one long sequential run over the columns (a few long streams are what the prefetchers follow; r
+// short interleaved runs are not), each load of B feeding every token of the group, with the fp32
+// accumulators of the column chunk in L1 between row blocks.
+constexpr int kDecodeRT = 4, kDecodeRR = 8;
+constexpr int64_t kDecodeAcc = 4096;  // fp32 accumulators (16 KiB, in L1): 4096 / nt columns per chunk
+
+// acc_q[i] = fma chain over the RR rows k of hq[k] * b_k[i], continued from acc_q[i], for q < nt.
+template <int RR, class T>
+inline void accumulate_rows(const T* const* b, const float* const* hq, int nt, int64_t nv, int64_t n,
+                            float* const* acc) {
+  for (int64_t i = 0; i < nv; i += W) {
+    vec::V bv[RR];
+    for (int k = 0; k < RR; ++k) bv[k] = vec::load(b[k] + i);
+    for (int q = 0; q < nt; ++q) {
+      vec::V v = vec::load(acc[q] + i);
+      for (int k = 0; k < RR; ++k) v = vec::fma(vec::set1(hq[q][k]), bv[k], v);
+      vec::store(acc[q] + i, v);
+    }
+  }
+  for (int64_t i = nv; i < n; ++i) {
+    for (int q = 0; q < nt; ++q) {
+      float v = acc[q][i];
+      for (int k = 0; k < RR; ++k) v += hq[q][k] * vec::to_f(b[k][i]);
+      acc[q][i] = v;
+    }
+  }
+}
 
 template <class T>
-void expand_stream(const Ctx<T>& c, const Group& g, const Task& k) {
-  alignas(64) float acc[kStreamRT][kStreamCols];
+void expand_direct(const Ctx<T>& c, const Group& g, const Task& k) {
+  alignas(64) float buf[kDecodeAcc];
   const int nt = static_cast<int>(k.t1 - k.t0);
-  T* yr[kStreamRT];
-  const float* hr[kStreamRT];
+  const int64_t chunk = kDecodeAcc / nt / 64 * 64;
+  T* yr[kDecodeRT];
+  const float* hr[kDecodeRT];
+  float* acc[kDecodeRT];
   for (int q = 0; q < nt; ++q) {
     yr[q] = c.y + c.tok[g.tok0 + k.t0 + q] * c.ldy;
     hr[q] = c.h + g.h_off + (k.t0 + q) * g.r;
+    acc[q] = buf + q * chunk;
   }
-  for (int64_t ob = k.a0; ob < k.a1; ob += kStreamCols) {
-    const int64_t n = std::min(kStreamCols, k.a1 - ob);
+  for (int64_t ob = k.a0; ob < k.a1; ob += chunk) {
+    const int64_t n = std::min(chunk, k.a1 - ob);
     const int64_t nv = std::min(n, (c.O - ob) / W * W);  // vector columns, then the tail of O
     for (int q = 0; q < nt; ++q) std::fill(acc[q], acc[q] + n, 0.f);
-    for (int64_t j = 0; j < std::min(kAheadRows, g.r); ++j) prefetch_run(c.B + g.rows[j] * c.ldb + ob, n);
-    for (int64_t j = 0; j < g.r; ++j) {
-      if (j + kAheadRows < g.r) prefetch_run(c.B + g.rows[j + kAheadRows] * c.ldb + ob, n);
-      const T* b = c.B + g.rows[j] * c.ldb + ob;
-      if (nt == 2) {  // one load of B for both tokens
-        const float h0 = hr[0][j], h1 = hr[1][j];
-        const vec::V hv0 = vec::set1(h0), hv1 = vec::set1(h1);
-        for (int64_t i = 0; i < nv; i += W) {
-          const vec::V bv = vec::load(b + i);
-          vec::store(acc[0] + i, vec::fma(hv0, bv, vec::load(acc[0] + i)));
-          vec::store(acc[1] + i, vec::fma(hv1, bv, vec::load(acc[1] + i)));
-        }
-        for (int64_t i = nv; i < n; ++i) {
-          acc[0][i] += h0 * vec::to_f(b[i]);
-          acc[1][i] += h1 * vec::to_f(b[i]);
-        }
-      } else {
-        const float h0 = hr[0][j];
-        const vec::V hv0 = vec::set1(h0);
-        for (int64_t i = 0; i < nv; i += W) vec::store(acc[0] + i, vec::fma(hv0, vec::load(b + i), vec::load(acc[0] + i)));
-        for (int64_t i = nv; i < n; ++i) acc[0][i] += h0 * vec::to_f(b[i]);
-      }
+    const T* b[kDecodeRR];
+    const float* hq[kDecodeRT];
+    int64_t j = 0;
+    for (; j + kDecodeRR <= g.r; j += kDecodeRR) {
+      for (int q = 0; q < kDecodeRR; ++q) b[q] = c.B + g.rows[j + q] * c.ldb + ob;
+      for (int q = 0; q < nt; ++q) hq[q] = hr[q] + j;
+      accumulate_rows<kDecodeRR>(b, hq, nt, nv, n, acc);
+    }
+    for (; j < g.r; ++j) {
+      b[0] = c.B + g.rows[j] * c.ldb + ob;
+      for (int q = 0; q < nt; ++q) hq[q] = hr[q] + j;
+      accumulate_rows<1>(b, hq, nt, nv, n, acc);
     }
     const vec::V sv = vec::set1(g.scale);
     for (int q = 0; q < nt; ++q) {
@@ -259,12 +265,15 @@ void expand_packed(const Ctx<T>& c, const Group& g, const Task& k) {
   for (int64_t op = k.a0; op < k.a1; op += panel) {
     const int64_t pw = std::min(panel, k.a1 - op);
     const int64_t nsub = pw / kSub;
-    for (int64_t j = 0; j < std::min(kAheadRows, r); ++j) prefetch_run(c.B + g.rows[j] * c.ldb + op, nsub * kSub);
-    for (int64_t j = 0; j < r; ++j) {
-      if (j + kAheadRows < r) prefetch_run(c.B + g.rows[j + kAheadRows] * c.ldb + op, nsub * kSub);
-      const T* b = c.B + g.rows[j] * c.ldb + op;
+    // kDecodeRR rows at a time, each a sequential run: a few long streams, as in expand_direct.
+    for (int64_t j0 = 0; j0 < r; j0 += kDecodeRR) {
+      const int64_t nr = std::min<int64_t>(kDecodeRR, r - j0);
+      const T* b[kDecodeRR];
+      for (int64_t q = 0; q < nr; ++q) b[q] = c.B + g.rows[j0 + q] * c.ldb + op;
       for (int64_t sb = 0; sb < nsub; ++sb)
-        for (int q = 0; q < kExpandCV; ++q) vec::store(pk + (sb * r + j) * kSub + q * W, vec::load(b + sb * kSub + q * W));
+        for (int q = 0; q < kExpandCV; ++q)
+          for (int64_t jj = 0; jj < nr; ++jj)
+            vec::store(pk + (sb * r + j0 + jj) * kSub + q * W, vec::load(b[jj] + sb * kSub + q * W));
     }
     const int64_t orest = op + nsub * kSub;  // columns past the last full block: only at the end of O
     const auto pool_row = [&](int64_t o) { return [&c, &g, o](int64_t j) { return c.B + g.rows[j] * c.ldb + o; }; };
@@ -294,8 +303,8 @@ void expand_packed(const Ctx<T>& c, const Group& g, const Task& k) {
 template <class T>
 void expand_task(const Ctx<T>& c, const Task& k) {
   const Group& g = c.groups[k.g];
-  if (g.n <= kStreamRT) {
-    expand_stream(c, g, k);
+  if (g.n <= kDecodeRT) {
+    expand_direct(c, g, k);
   } else {
     expand_packed(c, g, k);
   }
