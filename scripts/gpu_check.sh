@@ -28,14 +28,15 @@ fi
 note "build: $(( $(date +%s) - t0 )) s"
 $PY -m pylora info 2>&1 | tee -a "$summary"
 
-timeout 300 $PY -m pytest -m cuda -q -p no:cacheprovider -x --timeout=120 tests > "$OUT/pytest_cuda.log" 2>&1 \
-  || timeout 300 $PY -m pytest -m cuda -q -p no:cacheprovider tests > "$OUT/pytest_cuda.log" 2>&1
+timeout 300 $PY -m pytest -m cuda -q -p no:cacheprovider -rfE tests > "$OUT/pytest_cuda.log" 2>&1
 note "pytest -m cuda: $(tail -1 "$OUT/pytest_cuda.log")  ($(( $(date +%s) - t0 )) s)"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30 >> "$summary"
 
 for bench in bench/bench_merge.py bench/bench_train.py bench/bench_multi.py; do
   [ -f "$bench" ] || continue
   name=$(basename "$bench" .py)
-  timeout 240 $PY "$bench" --device cuda $QUICK --out "$OUT/${name#bench_}_cuda.json" > "$OUT/$name.log" 2>&1
+  timeout "${BENCH_TIMEOUT:-200}" $PY "$bench" --device cuda $QUICK --out "$OUT/${name#bench_}_cuda.json" \
+    > "$OUT/$name.log" 2>&1
   note "$name: exit $? ($(( $(date +%s) - t0 )) s)"
   grep -E '^\|' "$OUT/$name.log" >> "$summary"
 done

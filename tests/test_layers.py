@@ -341,3 +341,30 @@ def test_unsupported_conv_options_named():
         pylora.inject(net, pylora.LoraConfig(target_modules=["0"]))
     assert isinstance(net[0], nn.Conv2d)
     copy.deepcopy(net)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_on_gpu_matches_cpu(dropout):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = pylora.inject(tiny_llama(), pylora.LoraConfig(r=8, target_modules="all-linear", lora_dropout=dropout))
+        randomize_lora(model)
+        pylora.mark_only_lora_trainable(model)
+        model.to(device).train()
+        torch.manual_seed(3)  # the same dropout seeds on both devices: the mask is a hash of (seed, t, i)
+        out = model(input_ids=ids().to(device), labels=ids().to(device))
+        out.loss.backward()
+        results[device] = (out.logits.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()
+                                                        if p.requires_grad})
+        with torch.no_grad():
+            before = {n: p.clone() for n, p in model.named_parameters()}
+            pylora.merge(model)
+            pylora.unmerge(model)
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    (y_cpu, g_cpu), (y_gpu, g_gpu) = results["cpu"], results["cuda"]
+    assert rel_err(y_gpu, y_cpu) < 1e-4
+    for n in g_cpu:
+        assert rel_err(g_gpu[n], g_cpu[n]) < 1e-3, n

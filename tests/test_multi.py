@@ -305,3 +305,26 @@ def test_embedding_adapter_from_directory(adapters, expected_logits, tmp_path):
     with pytest.raises(ValueError, match=r"also holds model\.embed_tokens\.weight"):
         other.load_adapter("emb", path)
     assert other.adapters == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_served_on_gpu(adapters, expected_logits, dtype):
+    # The "device" param makes this a GPU test (skipped without one); see conftest.
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    server = pylora.MultiLoRA(make_base().to("cuda", dtype))
+    for name, model in adapters.items():
+        server.load_adapter(name, model)
+    names = list(ADAPTERS) + [None, "r16_all", None]
+    x = batch_ids(rows=len(names)).cuda()
+    out = server(input_ids=x, adapter_names=names).logits.float().cpu()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for row, name in enumerate(names):
+        assert rel_err(out[row], expected_logits[name][row]) < tol, (row, name)
+    # Decode: one token per row.
+    step = server(input_ids=x[:, :1], adapter_names=names).logits.float().cpu()
+    for row, name in enumerate(names):
+        assert rel_err(step[row], expected_logits[name][row, :1]) < tol, (row, name)
+
+
+test_served_on_gpu = pytest.mark.cuda(test_served_on_gpu)
