@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one call (DESIGN.md, "GPU checks"): build the
 # extension in place for sm_90, run the CUDA tests, run the benchmarks at GPU sizes, and write logs
-# and JSON under $OUT (./gpu_out when OUT is unset). Nothing is installed from a registry: the
+# and JSON under $OUT (./gpu_out when OUT is unset): summary.txt, build.log, pytest_cuda.log,
+# bench.log and one JSON per benchmark. Nothing is installed from a registry: the
 # machine's torch, numpy, safetensors, pytest, transformers and peft are used as they are.
 # Budget: about 8 minutes in all. Usage: scripts/gpu_check.sh [--quick]
 set -uo pipefail
@@ -35,9 +36,12 @@ grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30 >> "$summary"
 for bench in bench/bench_merge.py bench/bench_train.py bench/bench_multi.py; do
   [ -f "$bench" ] || continue
   name=$(basename "$bench" .py)
+  echo "===== $name" >> "$OUT/bench.log"
   timeout "${BENCH_TIMEOUT:-200}" $PY "$bench" --device cuda $QUICK --out "$OUT/${name#bench_}_cuda.json" \
-    > "$OUT/$name.log" 2>&1
+    > "$OUT/$name.txt" 2>&1
   note "$name: exit $? ($(( $(date +%s) - t0 )) s)"
-  grep -E '^\|' "$OUT/$name.log" >> "$summary"
+  cat "$OUT/$name.txt" >> "$OUT/bench.log"
+  grep -E '^\|' "$OUT/$name.txt" >> "$summary"
+  rm -f "$OUT/$name.txt"
 done
 note "total: $(( $(date +%s) - t0 )) s"
