@@ -1,19 +1,22 @@
 """Training-step benchmark of one LoRA linear layer: forward + backward, pylora vs PEFT vs the frozen base.
 
     python bench/bench_train.py [--quick] [--device cpu|cuda] [--repeats N] [--dtypes float32,bfloat16]
-                                [--ranks 8,16,64] [--dropouts 0,0.1]
+                                [--ranks 8,16,64] [--dropouts 0,0.1] [--threads N]
 
 Per (dtype, r, dropout_p): the frozen base nn.Linear alone (dX only), pylora (ops.lora_linear) and PEFT's
 LoRA Linear (peft.tuners.lora.layer.Linear wrapping the same frozen nn.Linear, same A, B and scale), each
 step computing dX, dA and dB. The three run interleaved, one step each per round, so a change in machine
 load hits them alike; times are medians over rounds, and each LoRA layer's extra cost over the base is
-the median of its per-round difference to the base. Inputs rotate over enough distinct x / grad_y tensors
-to exceed the last-level cache. Memory: the bytes of the tensors autograd saves for backward (unique
-storages, parameters excluded), and on CUDA the peak allocated during the step above what was allocated
-before it. The limits of the machine are measured in the same run (copy bandwidth, matmul throughput).
+the median of its per-round difference to the base; lora_gemm_floor_ms is what the six r-wide LoRA
+products alone cost at the measured matmul throughput, the floor for any implementation. Inputs rotate
+over enough distinct x / grad_y tensors to exceed the last-level cache. Memory: the bytes of the tensors
+autograd saves for backward (unique storages, parameters excluded), and on CUDA the peak allocated during
+the step above what was allocated before it. The limits of the machine are measured in the same run
+(copy bandwidth, matmul throughput), and the load average is recorded with every row.
 
 A model-level section can be added beside bench_layer(): main() only collects rows and writes them.
-Results: a printed table and bench/results/train_layer_<device>.json.
+Results: a printed table and bench/results/train_layer_<device>.json (train_layer_cpu_<N>t.json with
+--threads N).
 """
 from __future__ import annotations
 
@@ -152,7 +155,7 @@ def steps(base, peft, A, B, scale: float, p: float):
 # ----------------------------------------------------------------------------------------------
 
 def bench_layer(device: str, dtype: torch.dtype, r: int, p: float, T: int, I: int, O: int, repeats: int,
-                warmup: int, timer: Timer, cache_bytes: int) -> dict:
+                warmup: int, timer: Timer, cache_bytes: int, matmul_gflops: float | None = None) -> dict:
     torch.manual_seed(0)
     base, peft, A, B, scale = make_layers(I, O, r, 2.0 * r, p, dtype, device)
     fns = steps(base, peft, A, B, scale, p)
@@ -189,6 +192,10 @@ def bench_layer(device: str, dtype: torch.dtype, r: int, p: float, T: int, I: in
     for k in ("pylora", "peft"):
         row[f"{k}_extra_ms"] = 1e3 * statistics.median(a - b for a, b in zip(times[k], times["base"]))
     row["extra_ratio"] = row["pylora_extra_ms"] / row["peft_extra_ms"] if row["peft_extra_ms"] > 0 else None
+    # The six r-wide products every LoRA step needs (h, y += s h B^T, u, dB, dA, u A): 2 T r (3 I + 3 O)
+    # flops. At the measured matmul throughput this is the floor of any LoRA layer's extra cost.
+    if matmul_gflops:
+        row["lora_gemm_floor_ms"] = 1e3 * 2 * T * r * (3 * I + 3 * O) / (matmul_gflops * 1e9)
     x, g = xs[0], gs[0]
     for k in fns:
         x.grad = None
@@ -205,7 +212,8 @@ def bench_layer(device: str, dtype: torch.dtype, r: int, p: float, T: int, I: in
 
 COLUMNS = [("dtype", "{}"), ("r", "{}"), ("dropout_p", "{:g}"), ("base_ms", "{:.1f}"), ("pylora_ms", "{:.1f}"),
            ("peft_ms", "{:.1f}"), ("pylora_extra_ms", "{:.1f}"), ("peft_extra_ms", "{:.1f}"),
-           ("extra_ratio", "{:.2f}"), ("pylora_saved_MB", "{:.1f}"), ("peft_saved_MB", "{:.1f}")]
+           ("extra_ratio", "{:.2f}"), ("lora_gemm_floor_ms", "{:.1f}"), ("pylora_saved_MB", "{:.1f}"),
+           ("peft_saved_MB", "{:.1f}")]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -251,9 +259,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--ranks", default="8,16,64")
     ap.add_argument("--dropouts", default="0,0.1")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (torch.set_num_threads); 1 keeps a shared machine's load from stalling "
+                         "every parallel region on its slowest thread")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/train_layer_<device>.json)")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     T, I, O = (256, 1024, 1024) if args.quick else (2048, 4096, 4096)
     repeats = args.repeats or (5 if args.quick else (7 if args.device == "cpu" else 30))
     timer = Timer(args.device)
@@ -269,13 +282,15 @@ def main(argv=None) -> int:
         for r in (int(v) for v in args.ranks.split(",")):
             for p in (float(v) for v in args.dropouts.split(",")):
                 t0, load0 = time.perf_counter(), load_average()
-                row = bench_layer(args.device, dtype, r, p, T, I, O, repeats, args.warmup, timer, cache_bytes)
+                row = bench_layer(args.device, dtype, r, p, T, I, O, repeats, args.warmup, timer, cache_bytes,
+                                  limits[str(dtype)[6:]]["matmul_GFLOPS"])
                 row["load_avg_1min"] = [load0, load_average()]
                 rows.append(row)
                 print(f"  {str(dtype)[6:]} r={r} p={p:g}: {time.perf_counter() - t0:.0f} s, load average "
                       f"{row['load_avg_1min'][0]} -> {row['load_avg_1min'][1]}", flush=True)
     print(format_table(rows))
-    out = args.out or os.path.join(ROOT, "bench", "results", f"train_layer_{args.device}.json")
+    suffix = f"_{args.threads}t" if args.threads and args.device == "cpu" else ""
+    out = args.out or os.path.join(ROOT, "bench", "results", f"train_layer_{args.device}{suffix}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"machine": machine_description(args.device), "torch": torch.__version__,
