@@ -49,6 +49,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+# Seconds on the CPU: the wall clock, or (--clock thread, single-threaded runs) the calling thread's CPU
+# time, which does not advance while other processes of a shared machine hold the cores.
+CLOCK = time.perf_counter
+
+
 def _time_once(fn, k, device, flush):
     if flush is not None:
         flush()
@@ -59,9 +64,9 @@ def _time_once(fn, k, device, flush):
         e1.record()
         e1.synchronize()
         return e0.elapsed_time(e1) / 1e3
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn(k)
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def time_fns(fns: dict, device, repeats=15, warmup=3, min_time=0.3, max_repeats=60, flush=None,
@@ -359,9 +364,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the reduced sweep (about ten minutes on two CPU cores)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/multi_kernel_<device>.json)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--clock", default="wall", choices=("wall", "thread"),
+                    help="CPU timing: wall clock, or the thread's CPU time (needs --threads 1; robust to other "
+                         "processes on a shared machine)")
     args = ap.parse_args(argv)
+    global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if torch.get_num_threads() != 1:
+            ap.error("--clock thread measures one thread's CPU time: pass --threads 1")
+        CLOCK = time.thread_time
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if ops.backend("lora_apply_", device) != "kernel":
@@ -370,6 +383,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     report = run_kernel_sweep(QUICK if args.quick else FULL, dtype, device)
     report["sweep"] = "quick" if args.quick else "full"
+    report["clock"] = args.clock if device.type == "cpu" else "cuda events"
     report["seconds"] = time.perf_counter() - t0
     if hasattr(os, "getloadavg"):
         report["loadavg_after"] = os.getloadavg()  # other processes on a shared machine skew timings

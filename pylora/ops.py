@@ -180,7 +180,8 @@ def lora_apply_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, B_rows: 
     Shapes: y [T, O], x [T, I], A_rows [P, I], B_rows [P, O] (row j of B_rows is a column of some
     adapter's B), row_ptr [N+1] int32, row_idx [nnz] int32, scales [N] float32, seg_ptr [S+1] int32,
     seg_slot [S] int32. x, y, A_rows, B_rows share one dtype (float32, float16, bfloat16); everything on
-    one device. Ranks are exact and may differ per slot.
+    one device. Ranks are exact and may differ per slot. With the compiled kernels a token's result is
+    the same bits alone or in any batch (its sums run in an order fixed by I, r and the column).
 
     Bad arguments raise ValueError naming the argument, its value and the limit, before y is written.
     Index contents are checked by the op itself when the index tensors are on the CPU. On a GPU the op

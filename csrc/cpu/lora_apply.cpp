@@ -1,16 +1,23 @@
 // lora_apply_cpu: y[t] += scales[s] * B_s (A_s x[t]) over a paged pool of rank rows (see csrc/ops.cpp).
 //
 // Strategy. The plan is on the host, so the segments are first grouped by slot: every token of a
-// slot, from all its segments, forms one group, and each used adapter's rows are then read once per
-// call whether its tokens arrive as one prefill segment (SGMV) or as scattered decode tokens (BGMV).
-// Per group, two small GEMMs over the gathered rows, with no copies (rows are addressed through the
-// pool's row indices, tokens through a token list):
-//   shrink  H[n, r] = X_g[n, I] A_s[r, I]^T     (fp32, register-blocked dot products over I)
-//   expand  Y_g[n, O] = R(Y_g + s H B_s[r, O])  (fp32 accumulators, one rounding into y per element)
+// slot, from all its segments, forms one group, and each used adapter's rows are then read from
+// memory once per call whether its tokens arrive as one prefill segment (SGMV) or as scattered decode
+// tokens (BGMV). Per group, two small GEMMs over the slot's rows, addressed through the pool's row
+// indices (tokens through a token list):
+//   shrink  H[n, r] = X_g[n, I] A_s[r, I]^T     fp32, register-blocked dot products over I, 8 rows of
+//                                               A streamed at a time
+//   expand  Y_g[n, O] = R(Y_g + s H B_s[r, O])  fp32 accumulators, one rounding into y per element:
+//           - groups of <= 4 tokens (decode, short segments): B rows streamed 8 at a time straight
+//             from the pool, each load feeding every token, accumulators in L1;
+//           - larger groups (prefill): a panel of B gathered and packed once (fp32, contiguous), then
+//             register-blocked over the group's token blocks, the next panel prefetched meanwhile.
 // Each phase is cut into tasks of similar work (a group's rows or columns first, its tokens only when
 // one block of rows is too much) that the threads take from a shared counter, so 64 one-token groups
-// and one 300-token group both spread over the cores. The only workspace is H (sum of n * r floats),
-// proportional to the batch, never to the pool.
+// and one 300-token group both spread over the cores. Workspace: H (sum of n * r floats, proportional
+// to the batch) and a per-thread panel buffer (proportional to one adapter), never to the pool.
+// Every element's fp32 sequence is the same on every path, so a token's result does not depend on
+// the rest of the batch or on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
