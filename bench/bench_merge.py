@@ -98,9 +98,7 @@ def main(argv=None) -> int:
     print(f"\n{res['machine']}\ncopy {lim['copy_GBps']:.1f} GB/s (read+write), matmul fp32 "
           f"{lim['fp32_matmul_TFLOPs']:.2f} TFLOP/s, bf16 {lim['bf16_matmul_TFLOPs']:.2f} TFLOP/s\n")
     res["table"] = print_table(res["rows"], COLUMNS)
-    path = args.out or write_results(f"merge_{args.device}" + ("_quick" if args.quick else ""), res)
-    if args.out:
-        write_results(os.path.splitext(os.path.basename(args.out))[0], res)
+    path = write_results(f"merge_{args.device}" + ("_quick" if args.quick else ""), res, path=args.out)
     print(f"\nwrote {path}")
     return 0
 

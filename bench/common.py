@@ -89,9 +89,10 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return text
 
 
-def write_results(name: str, payload: dict) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+def write_results(name: str, payload: dict, path: str | None = None) -> str:
+    """Writes payload as JSON to `path`, or to bench/results/<name>.json."""
+    path = path or os.path.join(RESULTS, f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path
