@@ -192,26 +192,27 @@ def test_training_loss_falls_and_only_adapter_changes():
     torch.manual_seed(0)
     model = tiny_llama()
     frozen = {n: p.clone() for n, p in model.named_parameters()}
-    pylora.inject(model, pylora.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.05))
+    pylora.inject(model, pylora.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.05,
+                                           modules_to_save=["lm_head"]))
     pylora.mark_only_lora_trainable(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or n == "lm_head.trained_module.weight"
                              for n, p in model.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     # A synthetic task: predict the next token of a fixed cyclic sequence.
     seq = torch.arange(16).repeat(4, 3) % 128
     model.train()
     losses = []
-    for _ in range(30):
+    for _ in range(40):
         out = model(input_ids=seq, labels=seq)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     for n, p in model.named_parameters():
         if not p.requires_grad:
-            assert torch.equal(p, frozen[n.replace("base_layer.", "")])
+            assert torch.equal(p, frozen[n.replace("base_layer.", "").replace("original_module.", "")])
 
 
 @pytest.mark.parametrize("make, targets", [(tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn", "c_fc"]),
