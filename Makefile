@@ -11,6 +11,8 @@ VPY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 RUNTIME_DEPS := numpy safetensors tqdm ninja pybind11 setuptools wheel
 TEST_DEPS := pytest transformers peft
+# The demo's model comes from transformers; its figure and `pylora bench`'s chart need matplotlib.
+DEMO_DEPS := transformers matplotlib
 # A CUDA toolkit's usual home, when nothing says otherwise (setup.py also looks there).
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 MAX_JOBS ?= 2
@@ -25,7 +27,7 @@ setup: $(VENV)/.built
 $(VENV)/.deps: pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "pylora needs Python 3.10+, this is " + sys.version' 
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q "$(TORCH)" $(RUNTIME_DEPS) $(TEST_DEPS)
+	$(VPY) -m pip install -q "$(TORCH)" $(RUNTIME_DEPS) $(TEST_DEPS) $(DEMO_DEPS)
 	touch $@
 
 # --no-build-isolation: the extension must be compiled against the torch it will run with.
@@ -35,13 +37,13 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 demo: setup
 	$(VENV)/bin/pylora info
-	$(VPY) examples/merge_roundtrip.py
+	$(VENV)/bin/pylora demo --out pylora-demo
 
 test: setup
 	$(VPY) -m pytest
 
 bench: setup
-	$(VPY) bench/bench_merge.py --quick
+	$(VENV)/bin/pylora bench all --out bench-results
 
 clean:
 	rm -rf build pylora/_C*.so pylora.egg-info $(VENV)/.built

@@ -296,8 +296,11 @@ def bench_kernel_case(pool: Pool, T, I, O, r, n_adapters, popularity, dtype, dev
 FULL = dict(T=(1, 16, 64, 256), shapes=((4096, 4096), (4096, 11008)), r=(8, 16, 64), adapters=(1, 8, 64),
             popularity=("distinct", "uniform", "zipf", "identical"))
 # The representative subset for a CPU run of about ten minutes on two cores.
-QUICK = dict(T=(1, 16, 64, 256), shapes=((4096, 4096), (4096, 11008)), r=(16, 64), adapters=(1, 8, 64),
-             popularity=("distinct", "uniform", "zipf"))
+REPRESENTATIVE = dict(T=(1, 16, 64, 256), shapes=((4096, 4096), (4096, 11008)), r=(16, 64), adapters=(1, 8, 64),
+                      popularity=("distinct", "uniform", "zipf"))
+# A smoke run of a minute or two (`pylora bench` without --full).
+QUICK = dict(T=(1, 64), shapes=((4096, 4096),), r=(16,), adapters=(8, 64), popularity=("distinct", "zipf"))
+SWEEPS = {"full": FULL, "representative": REPRESENTATIVE, "quick": QUICK}
 
 
 def cases(sweep):
@@ -361,7 +364,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
-    ap.add_argument("--quick", action="store_true", help="the reduced sweep (about ten minutes on two CPU cores)")
+    ap.add_argument("--quick", action="store_true", help="a smoke sweep of a minute or two (same as --sweep quick)")
+    ap.add_argument("--sweep", default="full", choices=sorted(SWEEPS),
+                    help="full; representative (about ten minutes on two CPU cores); quick")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/multi_kernel_<device>.json)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--clock", default="wall", choices=("wall", "thread"),
@@ -381,8 +386,9 @@ def main(argv=None):
         print(f"warning: no compiled {device.type} kernel ({_ext.load_error or 'not built'}): timing the reference",
               file=sys.stderr)
     t0 = time.perf_counter()
-    report = run_kernel_sweep(QUICK if args.quick else FULL, dtype, device)
-    report["sweep"] = "quick" if args.quick else "full"
+    sweep = "quick" if args.quick else args.sweep
+    report = run_kernel_sweep(SWEEPS[sweep], dtype, device)
+    report["sweep"] = sweep
     report["clock"] = args.clock if device.type == "cpu" else "cuda events"
     report["seconds"] = time.perf_counter() - t0
     if hasattr(os, "getloadavg"):

@@ -223,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_arguments(p)
     p.set_defaults(func=lambda args: demo.run(args))
+    p = sub.add_parser("bench", help="run the benchmark suites (quick by default), print tables, write JSON and a chart")
+    from pylora import bench_cli
+
+    bench_cli.add_arguments(p)
+    p.set_defaults(func=lambda args: bench_cli.run(args))
 
     p = sub.add_parser("merge", help="merge PEFT adapters into a safetensors checkpoint, tensor by tensor",
                        description="Merge PEFT LoRA adapters into a transformers-style safetensors checkpoint "
