@@ -84,7 +84,30 @@ class LoraLayer(nn.Module):
         self.merged = False
 
     def _merge_bias(self, sign: int) -> None:
-        pass
+        # lora_bias (PEFT): the base bias takes s * lora_B_bias with the weight.
+        extra = getattr(self, "lora_B_bias", None)
+        if extra is None:
+            return
+        b = self.base_layer.bias
+        if b is None:
+            raise RuntimeError(f"{type(self).__name__}: lora_bias needs a base bias to merge into")
+        b.add_(extra.to(b.dtype), alpha=sign * self.scaling)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights=True) -> None:
+        """True: A like nn.Linear's default init, B zero; "gaussian": A ~ N(0, 1/r), B zero;
+        False: both random (a non-identity adapter, for tests)."""
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            return
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        if getattr(self, "lora_B_bias", None) is not None:
+            nn.init.zeros_(self.lora_B_bias)
 
     @property
     def record_nbytes(self) -> int:
@@ -127,33 +150,9 @@ class LoraLinear(LoraLayer):
         self.lora_B_bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if lora_bias else None
         self.reset_lora_parameters(init_lora_weights)
 
-    @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights=True) -> None:
-        """True: A like nn.Linear's default init, B zero; "gaussian": A ~ N(0, 1/r), B zero;
-        False: both random (a non-identity adapter, for tests)."""
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            return
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-        if self.lora_B_bias is not None:
-            nn.init.zeros_(self.lora_B_bias)
-
     def _merge_args(self):
         # The factors stay in their own dtype: merge_ accumulates in fp32 whatever the storage.
         return self.base_layer.weight, self.lora_A, self.lora_B, self.fan_in_fan_out
-
-    def _merge_bias(self, sign: int) -> None:
-        if self.lora_B_bias is None:
-            return
-        b = self.base_layer.bias
-        if b is None:
-            raise RuntimeError("LoraLinear: lora_bias needs a base bias to merge into")
-        b.add_(self.lora_B_bias.to(b.dtype), alpha=sign * self.scaling)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
@@ -234,32 +233,10 @@ class LoraConv2d(LoraLayer):
         self.lora_B_bias = nn.Parameter(torch.zeros(out_c, **kw)) if lora_bias else None
         self.reset_lora_parameters(init_lora_weights)
 
-    @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights=True) -> None:
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            return
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-        if self.lora_B_bias is not None:
-            nn.init.zeros_(self.lora_B_bias)
-
     def _merge_args(self):
         # weight [C_out, C_in*kh*kw] += s * B[C_out, r] @ A[r, C_in*kh*kw].
         W = self.base_layer.weight
         return W.view(W.shape[0], -1), self.lora_A.reshape(self.r, -1), self.lora_B.reshape(-1, self.r), False
-
-    def _merge_bias(self, sign: int) -> None:
-        if self.lora_B_bias is None:
-            return
-        b = self.base_layer.bias
-        if b is None:
-            raise RuntimeError("LoraConv2d: lora_bias needs a base bias to merge into")
-        b.add_(self.lora_B_bias.to(b.dtype), alpha=sign * self.scaling)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer

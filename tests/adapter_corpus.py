@@ -2,7 +2,7 @@
 r=4, PEFT's layout) into a broken one, and names the error it must produce.
 
 A case is (id, mutate(dir), pattern the AdapterError message must match, model_free): model_free
-cases fail in read_adapter already; the others only against the model (tiny_models.llama).
+cases fail in read_adapter already; the others only against the model (models.llama).
 """
 import json
 import os

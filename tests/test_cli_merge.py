@@ -20,7 +20,7 @@ import torch
 
 from conftest import PYTHON, TOL
 from models import tiny_llama
-from tiny_models import ConvNet, gpt2, inputs
+from models import ConvEmbNet, gpt2, inputs
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -34,13 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = "20KB"  # the tiny Llama then takes 7 shards
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: threads only add synchronisation on shared cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,10 +413,10 @@ def test_conv2d_embedding_saved_module_and_lora_bias(tmp_path):
     base_dir = tmp_path / "convnet"
     base_dir.mkdir()
     torch.manual_seed(5)
-    save_file(ConvNet().state_dict(), base_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(ConvEmbNet().state_dict(), base_dir / "model.safetensors", metadata={"format": "pt"})
 
     def base_model():
-        model = ConvNet()
+        model = ConvEmbNet()
         model.load_state_dict(load_file(base_dir / "model.safetensors"))
         return model.eval()
     c1 = make_adapter(base_model(), tmp_path / "c1", 4, r=2, lora_alpha=5, target_modules=["conv", "emb"],

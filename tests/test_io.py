@@ -18,21 +18,14 @@ from adapter_corpus import CASES as CORPUS
 from conftest import PYTHON
 from pylora import adapter_config
 from pylora import io as pio
-from tiny_models import BUILDERS, inputs, output
+from models import BUILDERS, inputs, output
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models are tiny: a thread pool adds only synchronisation, and on shared cores each parallel
-    # region waits for a descheduled thread (a forward measured 2 ms on one thread, 140 ms on two).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Each case: (model kind, LoraConfig fields shared by PEFT and pylora).
