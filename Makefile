@@ -11,8 +11,9 @@ VPY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
 RUNTIME_DEPS := numpy safetensors tqdm ninja pybind11 setuptools wheel
 TEST_DEPS := pytest transformers peft
-# The demo's model comes from transformers; its figure and `pylora bench`'s chart need matplotlib.
-DEMO_DEPS := transformers matplotlib
+# The demo's model comes from transformers (a test dependency too); its figure and `pylora bench`'s
+# chart need matplotlib.
+DEMO_DEPS := matplotlib
 # A CUDA toolkit's usual home, when nothing says otherwise (setup.py also looks there).
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 MAX_JOBS ?= 2
