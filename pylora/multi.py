@@ -266,11 +266,10 @@ class MultiLoRA(nn.Module):
                 if isinstance(current, ServedLayer):
                     continue
                 I, O = _features(current)
-                rows = self.pool.rows_per_module
+                rows = None
                 if self._capacity_bytes is not None:
-                    rows = max(1, self._capacity_bytes // ((I + O) * torch.empty((), dtype=self.dtype).element_size()))
-                    self.pool.rows_per_module = rows
-                self.pool.add_module(mname, I, O)
+                    rows = max(1, self._capacity_bytes // ((I + O) * (torch.finfo(self.dtype).bits // 8)))
+                self.pool.add_module(mname, I, O, rows)
                 cls = ServedEmbedding if isinstance(current, nn.Embedding) else ServedLayer
                 parent, _, child = mname.rpartition(".")
                 setattr(self.model.get_submodule(parent) if parent else self.model, child, cls(current, mname, self))

@@ -100,11 +100,13 @@ class AdapterPool:
 
     # -- modules ----------------------------------------------------------------------------------
 
-    def add_module(self, name: str, in_features: int, out_features: int) -> ModulePool:
+    def add_module(self, name: str, in_features: int, out_features: int,
+                   rows: Optional[int] = None) -> ModulePool:
+        """The pool of module `name`, created with `rows` rank rows (default rows_per_module)."""
         with self._cond:
             pool = self.modules.get(name)
             if pool is None:
-                pool = self.modules[name] = ModulePool(name, in_features, out_features, self.rows_per_module,
+                pool = self.modules[name] = ModulePool(name, in_features, out_features, rows or self.rows_per_module,
                                                        self.dtype, self.device)
             return pool
 

@@ -433,6 +433,16 @@ def _first(mask: torch.Tensor) -> int | None:
     return int(idx[0, 0]) if idx.numel() else None
 
 
+def _check_pointer(op: str, name: str, ptr: torch.Tensor) -> None:
+    """A CSR-style pointer starts at 0 and never decreases (same messages as the C++ check)."""
+    if int(ptr[0]) != 0:
+        raise _value_error(op, f"{name}[0]={int(ptr[0])} must be 0")
+    k = _first(ptr[1:] < ptr[:-1])
+    if k is not None:
+        raise _value_error(op, f"{name}[{k + 1}]={int(ptr[k + 1])} must be >= {name}[{k}]={int(ptr[k])} "
+                               f"({name} is non-decreasing)")
+
+
 def check_lora_apply_plan(row_ptr, row_idx, seg_ptr, seg_slot, T, P, op="lora_apply_"):
     """The index contents of lora_apply_, checked in the C++ op's order with its messages.
 
@@ -444,23 +454,13 @@ def check_lora_apply_plan(row_ptr, row_idx, seg_ptr, seg_slot, T, P, op="lora_ap
     flat = torch.cat([row_ptr.reshape(-1), row_idx.reshape(-1), seg_ptr.reshape(-1), seg_slot.reshape(-1)]).cpu()
     rp, ri, sp, ss = (t.long() for t in torch.split(flat, sizes))
     N, nnz, S = sizes[0] - 1, sizes[1], sizes[3]
-    if int(rp[0]) != 0:
-        raise _value_error(op, f"row_ptr[0]={int(rp[0])} must be 0")
-    s = _first(rp[1:] < rp[:-1])
-    if s is not None:
-        raise _value_error(op, f"row_ptr[{s + 1}]={int(rp[s + 1])} must be >= row_ptr[{s}]={int(rp[s])} "
-                               "(row_ptr is non-decreasing)")
+    _check_pointer(op, "row_ptr", rp)
     if int(rp[N]) != nnz:
         raise _value_error(op, f"row_ptr[N={N}]={int(rp[N])} must equal row_idx.numel()={nnz} (nnz)")
     k = _first((ri < 0) | (ri >= P))
     if k is not None:
         raise _value_error(op, f"row_idx[{k}]={int(ri[k])} must be in [0, P={P})")
-    if int(sp[0]) != 0:
-        raise _value_error(op, f"seg_ptr[0]={int(sp[0])} must be 0")
-    g = _first(sp[1:] < sp[:-1])
-    if g is not None:
-        raise _value_error(op, f"seg_ptr[{g + 1}]={int(sp[g + 1])} must be >= seg_ptr[{g}]={int(sp[g])} "
-                               "(seg_ptr is non-decreasing)")
+    _check_pointer(op, "seg_ptr", sp)
     if int(sp[S]) != T:
         raise _value_error(op, f"seg_ptr[S={S}]={int(sp[S])} must equal T={T}")
     g = _first((ss < -1) | (ss >= N))

@@ -328,3 +328,15 @@ def test_served_on_gpu(adapters, expected_logits, dtype):
 
 
 test_served_on_gpu = pytest.mark.cuda(test_served_on_gpu)
+
+
+def test_capacity_in_bytes_sizes_each_module(adapters, expected_logits):
+    budget = 40 * (HIDDEN + HIDDEN) * 4  # 40 rows of a [HIDDEN -> HIDDEN] fp32 module
+    server = pylora.MultiLoRA(make_base(), capacity_bytes=budget)
+    server.load_adapter("r16_all", adapters["r16_all"])
+    pools = server.pool.modules
+    q = pools["model.layers.0.self_attn.q_proj"]
+    down = pools["model.layers.0.mlp.down_proj"]  # I = 2 * HIDDEN: fewer rows for the same bytes
+    assert q.capacity == 40 and down.capacity == budget // ((2 * HIDDEN + HIDDEN) * 4)
+    out = server(input_ids=batch_ids(rows=2), adapter_names=["r16_all", None]).logits
+    assert rel_err(out[0], expected_logits["r16_all"][0]) < 1e-5

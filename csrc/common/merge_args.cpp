@@ -155,8 +155,8 @@ void check_record_layout(const char* op, const MergeProblem& mp, const at::Tenso
                     " must equal esc_value.numel()=", esc_value.numel());
 }
 
-void check_record_contents(const char* op, const MergeProblem& mp, const at::Tensor& counts,
-                           const at::Tensor& entries, const at::Tensor& esc_index) {
+at::Tensor check_record_contents(const char* op, const MergeProblem& mp, const at::Tensor& counts,
+                                 const at::Tensor& entries, const at::Tensor& esc_index) {
   if (counts.numel() > 0) {
     const int64_t cmin = counts.min().item<int64_t>();
     const int64_t total = counts.sum(at::kLong).item<int64_t>();
@@ -167,23 +167,26 @@ void check_record_contents(const char* op, const MergeProblem& mp, const at::Ten
     TORCH_CHECK_VALUE(entries.numel() == 0, op, ": entries.numel()=", entries.numel(),
                       " must be 0 for an empty weight");
   }
+  at::Tensor index = at::empty({0}, counts.options().dtype(at::kLong));
   if (entries.numel() > 0) {
-    const int64_t cmax = entry_position(mp, counts, entries).second.max().item<int64_t>();
+    const auto pos = entry_position(mp, counts, entries);
+    const int64_t cmax = pos.second.max().item<int64_t>();
     TORCH_CHECK_VALUE(cmax < mp.Q, op, ": entries point at column ", cmax, ", columns must be < Q=", mp.Q);
+    index = pos.first * mp.Q + pos.second;
   }
   if (esc_index.numel() > 0) {
     const int64_t lo = esc_index.min().item<int64_t>(), hi = esc_index.max().item<int64_t>();
     TORCH_CHECK_VALUE(lo >= 0 && hi < mp.S.numel(), op, ": esc_index holds values in [", lo, ", ", hi,
                       "], they must lie in [0, ", mp.S.numel(), ")");
   }
+  return index;
 }
 
-void apply_record(const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+void apply_record(const MergeProblem& mp, const at::Tensor& entry_index, const at::Tensor& entries,
                   const at::Tensor& esc_index, const at::Tensor& esc_value) {
   auto flat = mp.S.view({-1});
   if (entries.numel() > 0) {
-    const auto pos = entry_position(mp, counts, entries);
-    const auto idx = pos.first * mp.Q + pos.second;
+    const auto& idx = entry_index;
     // The low nibble, sign-extended: ((e & 0xF) ^ 8) - 8.
     const auto delta = ((entries.to(at::kLong) & 0xF) ^ 8) - 8;
     if (mp.S.scalar_type() == at::kFloat) {

@@ -44,12 +44,13 @@ void check_record_layout(const char* op, const MergeProblem& mp, const at::Tenso
 
 // Validates a record's contents (counts >= 0 summing to the entries, columns < Q, escape indices in
 // range) with ATen ops, for any device; the CPU kernel checks the same with a plain loop.
-void check_record_contents(const char* op, const MergeProblem& mp, const at::Tensor& counts,
-                           const at::Tensor& entries, const at::Tensor& esc_index);
+// Returns each entry's flat storage index (empty when there are no entries), for apply_record.
+at::Tensor check_record_contents(const char* op, const MergeProblem& mp, const at::Tensor& counts,
+                                 const at::Tensor& entries, const at::Tensor& esc_index);
 
-// After the unmerge pass wrote the candidates c: S[idx] = unkey(key(c) + delta), then the escapes
-// (ATen ops, for any device; the CPU kernel applies entries inside its pass instead).
-void apply_record(const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+// After the unmerge pass wrote the candidates c: S[entry_index] = unkey(key(c) + delta), then the
+// escapes (ATen ops, for any device; the CPU kernel applies entries inside its pass instead).
+void apply_record(const MergeProblem& mp, const at::Tensor& entry_index, const at::Tensor& entries,
                   const at::Tensor& esc_index, const at::Tensor& esc_value);
 
 }  // namespace pylora

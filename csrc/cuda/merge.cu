@@ -304,13 +304,13 @@ void unmerge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor
   const c10::cuda::CUDAGuard guard(weight.device());
   const MergeProblem mp = prepare_merge("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
   check_record_layout("unmerge_", mp, counts, entries, esc_index, esc_value);
-  check_record_contents("unmerge_", mp, counts, entries, esc_index);
+  const at::Tensor entry_index = check_record_contents("unmerge_", mp, counts, entries, esc_index);
   switch (mp.S.scalar_type()) {
     case at::kFloat: unmerge_impl<mm::F32>(mp); break;
     case at::kHalf: unmerge_impl<mm::F16>(mp); break;
     default: unmerge_impl<mm::BF16>(mp); break;
   }
-  apply_record(mp, counts, entries, esc_index, esc_value);
+  apply_record(mp, entry_index, entries, esc_index, esc_value);
 }
 
 }  // namespace
