@@ -58,7 +58,7 @@ _LOAD_ALL = _RSS + """
 import json, os, time
 import torch
 from safetensors.torch import load_file, save_file
-from pylora import io, ops
+from pylora import adapters, ops
 before = rss_start()
 t0 = time.perf_counter()
 base, adapter_dir, out, dtype = sys.argv[1:5]
@@ -67,7 +67,7 @@ with open(os.path.join(base, "model.safetensors.index.json")) as f:
 state = {}
 for name in sorted(set(index["weight_map"].values())):
     state.update(load_file(os.path.join(base, name)))
-adapter = io.read_adapter(adapter_dir)
+adapter = adapters.read_adapter(adapter_dir)
 for module, m in adapter.modules.items():
     ops.merge_(state[module + ".weight"], m.lora_A, m.lora_B, m.scale)
 if dtype:

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pylora import _ext, ops, plan  # noqa: E402
+from pylora import _ext, ops  # noqa: E402
+from pylora.serve import batch as plan  # noqa: E402
 
 ROTATE_BYTES = 96 << 20  # ~3x a 32 MiB L3: what one rotation cycle must exceed
 POOL_BUDGET = 1 << 30  # bytes of adapter weights (pool + stacked copies) a case may allocate

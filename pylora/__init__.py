@@ -2,15 +2,20 @@
 
 Train adapters on any PyTorch model, merge and unmerge them exactly, serve many adapters in one
 batch, and read and write PEFT's adapter format.
+
+The package, bottom to top (imports go downward only): util (shared helpers), _ext (the compiled
+kernels), ops (the functional API and its pure-torch twin), nn (config, LoRA layers, injection,
+model-level merge), adapters (PEFT's format: one validated path for every source), serve (MultiLoRA
+and its adapter pool), checkpoint (merging into a checkpoint on disk), cli (the command line).
 """
 from pylora import _ext, ops  # noqa: F401
-from pylora.config import LoraConfig
-from pylora.io import AdapterError, load_adapter, save_adapter  # noqa: F401
-from pylora.inject import (ModulesToSave, get_config, inject, lora_layers, lora_state_dict,
-                           mark_only_lora_trainable, merge, merge_and_unload, unload, unmerge)
-from pylora.layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
-from pylora.multi import MultiLoRA
-from pylora.pool import PoolFullError
+from pylora.adapters import AdapterError, load_adapter, save_adapter
+from pylora.nn.config import LoraConfig
+from pylora.nn.inject import (ModulesToSave, get_config, inject, lora_layers, lora_state_dict,
+                              mark_only_lora_trainable)
+from pylora.nn.layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from pylora.nn.merge import merge, merge_and_unload, unload, unmerge
+from pylora.serve import MultiLoRA, PoolFullError
 
 __version__ = "0.1.0"
 

@@ -1,28 +1,13 @@
-"""Shared fixtures: devices (cuda added when present), backends, seeding and the tolerance table."""
+"""Shared fixtures: devices (cuda added when present), backends, seeding, one thread, subprocess
+environments, and the inputs the checkpoint-merge tests share. Shared code lives in tests.helpers
+and tests.models."""
 import os
-import sys
 
 import pytest
 import torch
 
 from pylora import _ext
-
-HAS_CUDA = torch.cuda.is_available()
-
-# One tolerance table for the suite: (rtol, atol) per dtype for comparisons that are not bit-exact.
-TOL = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-5, 1e-6),
-    torch.float16: (5e-3, 5e-4),
-    torch.bfloat16: (3e-2, 3e-3),
-}
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def tol(dtype):
-    rtol, atol = TOL[dtype]
-    return {"rtol": rtol, "atol": atol}
+from tests.helpers import HAS_CUDA
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,4 +71,21 @@ def python_env():
     return env
 
 
-PYTHON = sys.executable
+@pytest.fixture(scope="session")
+def merge_inputs(tmp_path_factory):
+    """Checkpoints and PEFT adapters on disk, built once, for the `pylora merge` tests."""
+    from tests.checkpoint.workspace import build
+
+    return build(tmp_path_factory.mktemp("merge"))
+
+
+@pytest.fixture(scope="session")
+def valid_adapter(tmp_path_factory):
+    """A valid adapter directory: tiny Llama (tests.models.llama), q_proj/v_proj, r=4, saved by pylora."""
+    import pylora
+    from tests.adapters.common import CASES, pylora_model
+
+    d = tmp_path_factory.mktemp("valid")
+    kind, fields = CASES["llama_q_v"]
+    pylora.save_adapter(pylora_model(kind, fields), d)
+    return d

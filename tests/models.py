@@ -1,37 +1,12 @@
-"""Tiny models built from configs with random weights (no model hub is reachable), shared by tests.
-
-Two families: tiny_llama / tiny_gpt2 / tiny_bert / ConvNet (sizes as arguments), and the seeded
-builders llama / gpt2 / bert / convnet of the adapter-file tests (BUILDERS, inputs, output)."""
+"""The tests' models, one builder per architecture: tiny transformers models built from configs with
+random weights (no model hub is reachable), seeded, in eval mode, and two small conv nets. llama /
+gpt2 / bert take their sizes as arguments (the adapter-file tests' defaults: VOCAB, hidden 32);
+tiny_* are the wider presets of the layer and serving tests. BUILDERS, inputs and output serve the
+tests that run one case per architecture."""
 import torch
 from torch import nn
 
-
-def tiny_llama(seed=0, vocab=128, hidden=64, layers=2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed=0, vocab=128, hidden=64, layers=2):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_bert(seed=0, vocab=128, hidden=64, layers=2):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=2 * hidden, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, num_labels=3)
-    return BertForSequenceClassification(cfg).eval()
+VOCAB = 96
 
 
 class ConvNet(nn.Module):
@@ -87,44 +62,45 @@ def copy_lora_into_peft(model, peft_model, adapter="default"):
                     target.lora_B[adapter].bias.copy_(layer.lora_B_bias)
 
 
-# ----------------------------------------------------------------------------------------------
-# The adapter-file tests' seeded builders
-# ----------------------------------------------------------------------------------------------
-
-VOCAB = 96
-
-
-def _seeded(fn):
-    def build(seed: int = 1234):
-        torch.manual_seed(seed)
-        return fn().eval()
-    build.__name__ = fn.__name__
-    return build
-
-
-@_seeded
-def llama():
+def llama(seed=1234, vocab=VOCAB, hidden=32, layers=2, positions=64, attention_bias=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=positions, attention_bias=attention_bias)).eval()
 
 
-@_seeded
-def gpt2():
+def gpt2(seed=1234, vocab=VOCAB, hidden=32, layers=2, positions=64, special_tokens=True):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0))
+    torch.manual_seed(seed)
+    ids = {"bos_token_id": 0, "eos_token_id": 0} if special_tokens else {}
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=positions,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)).eval()
 
 
-@_seeded
-def bert():
+def bert(seed=1234, vocab=VOCAB, hidden=32, layers=2, positions=64):
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                                    num_attention_heads=4, intermediate_size=64,
-                                                    max_position_embeddings=64, num_labels=3))
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                                    num_attention_heads=4, intermediate_size=2 * hidden,
+                                                    max_position_embeddings=positions, hidden_dropout_prob=0.0,
+                                                    attention_probs_dropout_prob=0.0, num_labels=3)).eval()
+
+
+# The layer and serving tests' sizes (seed 0, a wider model).
+def tiny_llama(seed=0, vocab=128, hidden=64, layers=2):
+    return llama(seed, vocab, hidden, layers, positions=256)
+
+
+def tiny_gpt2(seed=0, vocab=128, hidden=64, layers=2):
+    return gpt2(seed, vocab, hidden, layers, positions=128, special_tokens=False)
+
+
+def tiny_bert(seed=0, vocab=128, hidden=64, layers=2):
+    return bert(seed, vocab, hidden, layers, positions=128)
 
 
 class ConvEmbNet(nn.Module):
@@ -140,9 +116,9 @@ class ConvEmbNet(nn.Module):
         return self.head(torch.relu(self.conv(x)).mean((2, 3)) + self.emb(idx))
 
 
-@_seeded
-def convnet():
-    return ConvEmbNet()
+def convnet(seed=1234):
+    torch.manual_seed(seed)
+    return ConvEmbNet().eval()
 
 
 def inputs(kind: str) -> dict:

@@ -4,11 +4,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from conftest import PYTHON
+from tests.helpers import PYTHON
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")

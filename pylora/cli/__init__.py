@@ -1,0 +1,83 @@
+"""The command line: `pylora info | demo | merge | bench` (also `python -m pylora ...`). This module
+parses; each command's module (info, demo, merge, bench) runs it, imported only when chosen."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# pylora.checkpoint.OUT_DTYPES' names, here without importing torch before the arguments are parsed.
+OUT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+BENCH_SUITES = ("merge", "train", "multi", "all")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, not argparse's usage block: the message says what is wrong, --help the rest.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _command(module: str):
+    return lambda args: importlib.import_module(f"pylora.cli.{module}").run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pylora.cli.merge import AdapterAction, WeightAction
+
+    parser = _Parser(prog="pylora", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("info", help="versions, what the extension holds, the GPU, each op's backends; with "
+                                    "--adapter, what an adapter directory holds and the problems found")
+    p.add_argument("--adapter", metavar="DIR", help="describe the PEFT adapter in DIR (no model needed)")
+    p.add_argument("--adapter-name", metavar="NAME", help="the named adapter in DIR/NAME (PEFT's layout)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read adapter_model.bin with torch.load(weights_only=True) when there is no safetensors")
+    p.set_defaults(func=_command("info"))
+
+    p = sub.add_parser("demo", help="train adapters on synthetic tasks, serve them in one mixed batch, check exact "
+                                    "merge/unmerge, and report accuracy and throughput")
+    p.add_argument("--out", default="pylora-demo", help="output directory (default ./pylora-demo)")
+    p.add_argument("--model", default=None, help="a local transformers model directory instead of the built-in one")
+    p.add_argument("--steps", type=int, default=250, help="training steps per adapter")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size of the built-in model")
+    p.add_argument("--rows", type=int, default=8, help="rows per task and mode in the mixed batch")
+    p.add_argument("--reps", type=int, default=5, help="timed repeats of the mixed batch")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_command("demo"))
+
+    p = sub.add_parser("bench", help="run the benchmark suites (quick by default), print tables, write JSON and a chart")
+    p.add_argument("suite", nargs="?", default="all", choices=BENCH_SUITES)
+    p.add_argument("--full", action="store_true", help="the complete sweeps (long on a small CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default="bench-results", help="folder for the JSON and the chart")
+    p.set_defaults(func=_command("bench"))
+
+    p = sub.add_parser("merge", help="merge PEFT adapters into a safetensors checkpoint, tensor by tensor",
+                       description="Merge PEFT LoRA adapters into a transformers-style safetensors checkpoint "
+                                   "(model.safetensors, or shards with model.safetensors.index.json), one tensor "
+                                   "at a time: W += weight * scale * B A for each adapter in turn, accumulated in "
+                                   "fp32. Everything is checked before anything is written; the output appears "
+                                   "only when complete. Other files (config, tokenizer, ...) are copied.")
+    p.add_argument("--base", required=True, metavar="DIR", help="the checkpoint directory to merge into (read only)")
+    p.add_argument("--adapter", required=True, metavar="DIR", action=AdapterAction, dest="adapters",
+                   help="a PEFT adapter directory; repeat for several, applied in order")
+    p.add_argument("--weight", metavar="W", action=WeightAction, dest="weight_",
+                   help="the weight of the --adapter just before it (default 1): W += weight * scale * B A")
+    p.add_argument("--out", required=True, metavar="DIR", help="the output directory (must not exist or be empty)")
+    p.add_argument("--dtype", choices=sorted(OUT_DTYPE_NAMES),
+                   help="write floating tensors in this dtype (merged in float32 when it differs from theirs); "
+                        "default: each tensor's own")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read adapter_model.bin with torch.load(weights_only=True) when there is no safetensors")
+    p.set_defaults(func=_command("merge"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

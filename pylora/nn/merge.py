@@ -1,0 +1,75 @@
+"""Model-level merge: fold every LoRA layer's adapter into its base weights, take it back out, or
+drop the LoRA layers (merge_and_unload / unload)."""
+from __future__ import annotations
+
+from torch import nn
+
+from pylora.nn.inject import CONFIG_ATTR, ModulesToSave, lora_layers, set_module
+
+
+def _named_error(name: str, exc: Exception) -> Exception:
+    return type(exc)(f"{name}: {exc}") if isinstance(exc, (ValueError, RuntimeError)) else exc
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer's adapter into its base weight (exactly reversible by unmerge).
+    All or nothing: a layer that cannot merge at all (lora_bias without a base bias) is refused before
+    any layer is touched; if one layer refuses its values (a non-finite result, named with its layer and
+    position), the layers already merged are unmerged exactly and the error is raised."""
+    for name, layer in lora_layers(model):
+        if not layer.merged:
+            try:
+                layer.check_mergeable()
+            except ValueError as exc:
+                raise _named_error(name, exc) from None
+    done = []
+    try:
+        for name, layer in lora_layers(model):
+            if layer.merged:
+                continue
+            try:
+                layer.merge()
+            except (ValueError, RuntimeError) as exc:
+                raise _named_error(name, exc) from None
+            done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter back out: the base weights are restored bit for bit."""
+    for name, layer in lora_layers(model):
+        if layer.merged:
+            try:
+                layer.unmerge()
+            except (ValueError, RuntimeError) as exc:
+                raise _named_error(name, exc) from None
+    return model
+
+
+def _replace_all(model: nn.Module, merge_first: bool) -> nn.Module:
+    if merge_first:
+        merge(model)
+    for name, layer in list(lora_layers(model)):
+        set_module(model, name, layer.base_layer)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSave):
+            set_module(model, name, module.trained_module if merge_first else module.original_module)
+    if hasattr(model, CONFIG_ATTR):
+        object.__delattr__(model, CONFIG_ATTR)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Plain modules again with the adapter folded in (and modules_to_save copies in place of the
+    originals); returns the model."""
+    return _replace_all(model, merge_first=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Plain modules again without the adapter (the original weights, unmerging first if merged)."""
+    unmerge(model)
+    return _replace_all(model, merge_first=False)
