@@ -46,6 +46,28 @@ class Fit:
     notes: list[str] = field(default_factory=list)
 
 
+# The problems a base can reveal, worded once: fit() and the checkpoint merge (which checks against
+# a checkpoint's tensors rather than a model's modules) report them alike.
+
+def unmatched_saved_entry(af: Adapter, entry: str, base: str) -> str:
+    return f"{os.path.join(af.path, CONFIG_NAME)}: modules_to_save entry {entry!r} matches no module of {base}"
+
+
+def missing_module(af: Adapter, cfg: LoraConfig, name: str, kind: Optional[str]) -> str:
+    suffix = "lora_embedding_A" if kind == "embedding" else "lora_A.weight"
+    return (f"{af.weights_file}: key {af.key_prefix}{name}.{suffix} is missing: the config targets module {name!r} "
+            f"(target_modules={cfg.target_modules!r})")
+
+
+def missing_saved_tensor(af: Adapter, base: str, name: str, why: str) -> str:
+    return f"{af.weights_file}: the tensor for {base}.{name} is missing (the config saves it: {why})"
+
+
+def beyond_range(af: Adapter, name: str, suffix: str, dtype: torch.dtype) -> str:
+    return (f"{af.weights_file}: key {af.key_prefix}{name}.{suffix}: values beyond the range of {dtype_name(dtype)}, "
+            f"the dtype of {name}'s LoRA factors; expected values it can hold")
+
+
 def lora_dtype_for(module: nn.Module) -> torch.dtype:
     """The dtype of a LoRA layer's factors over `module` (LoraLayer's rule): float32 over a half-precision
     base, else the base's dtype."""
@@ -98,7 +120,7 @@ def _fit(af: Adapter, model: nn.Module, strict: bool, lora_dtype: Optional[torch
         if any(n and names_module(entry, n) for n in modules):
             kept.append(entry)
         elif entry not in TASK_HEADS.get(cfg.task_type, ()):
-            soft(f"{cf}: modules_to_save entry {entry!r} matches no module of {model_name}")
+            soft(unmatched_saved_entry(af, entry, model_name))
     cfg.modules_to_save = kept or None
 
     targets = target_names(model, cfg)
@@ -148,19 +170,14 @@ def _fit(af: Adapter, model: nn.Module, strict: bool, lora_dtype: Optional[torch
         for role, t in (("A", mw.lora_A), ("B", mw.lora_B), ("B_bias", mw.lora_B_bias)):
             if ok and t is not None and t.dtype != dtype and not bool(torch.isfinite(t.to(dtype)).all()):
                 ok = False
-                problems.append(f"{wf}: key {prefix}{name}.{ROLE_SUFFIX[family, role]}: values beyond the range of "
-                                f"{dtype_name(dtype)}, the dtype of {name}'s LoRA factors; expected values it can "
-                                "hold")
+                problems.append(beyond_range(af, name, ROLE_SUFFIX[family, role], dtype))
         if ok:
             lora[name] = mw
     without = []
     for name in targets:
         if name in af.modules:
             continue
-        kind = module_kind(modules[name])
-        suffix = "lora_embedding_A" if kind == "embedding" else "lora_A.weight"
-        message = (f"{wf}: key {prefix}{name}.{suffix} is missing: the config targets module {name!r} "
-                   f"(target_modules={cfg.target_modules!r})")
+        message = missing_module(af, cfg, name, module_kind(modules[name]))
         W = modules[name].weight
         r, limit = cfg.rank_for(name), max(W.shape)
         if strict:
@@ -222,5 +239,5 @@ def _extras(model, af, cfg, targets, modules, saved, problems, soft) -> dict:
     for name in dict.fromkeys(expected):
         if name not in af.extra_tensors:
             why = "modules_to_save" if any(name.startswith(s + ".") for s in saved) else f"bias={cfg.bias!r}"
-            soft(f"{wf}: the tensor for {model_name}.{name} is missing (the config saves it: {why})")
+            soft(missing_saved_tensor(af, model_name, name, why))
     return out

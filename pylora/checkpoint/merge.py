@@ -307,7 +307,7 @@ def merge_checkpoint(base_dir: Union[str, os.PathLike], adapters, out_dir: Union
     config_path = os.path.join(base, CONFIG_NAME)
     config = _read_json(config_path, "a transformers config") if os.path.isfile(config_path) else None
     read = [(path, as_adapter(path, allow_pickle=allow_pickle), weight) for path, weight in args]
-    plan = build_updates(layout.specs, config, read, out_dtype)
+    plan = build_updates(layout.specs, config, read, out_dtype, base=f"the checkpoint {base}")
     copy, skipped = _to_copy(layout)
 
     def out_bytes(e):

@@ -31,6 +31,9 @@ from typing import Optional
 import torch
 
 from pylora import ops
+from pylora.adapters.fit import beyond_range, missing_module, missing_saved_tensor, unmatched_saved_entry
+from pylora.adapters.format import ROLE_SUFFIX, TASK_HEADS
+from pylora.nn.config import names_module
 from pylora.util.names import dtype_name, shape
 
 MERGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -202,6 +205,25 @@ class _Names:
                       f"{len(found)} tensors named like one ({', '.join(map(repr, found)) or 'none'}; known names: "
                       f"{', '.join(INPUT_EMBEDDINGS)})")
 
+    def adapter_view(self, adapter) -> dict[str, str]:
+        """Every checkpoint key under the name the adapter's model gives it (key -> name), by the prefix
+        relation the adapter's own names reveal: the same, the model's first component dropped from the
+        checkpoint ("transformer.h.0" saved as "h.0"), or a top-level prefix added ("model.layers.0")."""
+        convert = lambda k: k  # noqa: E731
+        for name in list(adapter.modules) + list(adapter.extra_tensors):
+            probe = name if name in adapter.extra_tensors else name + ".weight"
+            key, _ = self.find(probe)
+            if key is None or key == probe:
+                continue
+            if key == probe.partition(".")[2]:
+                head = probe.partition(".")[0]
+                convert = lambda k, head=head: f"{head}.{k}"  # noqa: E731
+            else:
+                top = key[:-len(probe) - 1]
+                convert = lambda k, top=top: k[len(top) + 1:] if k.startswith(top + ".") else None  # noqa: E731
+            break
+        return {k: n for k in self.specs if (n := convert(k)) is not None}
+
     def conv1d_layout(self, key: str) -> Optional[bool]:
         """True/False when the checkpoint's non-square weights of the same layer name are all Conv1D
         ([I, O]: the bias matches dim 1) or all Linear ([O, I]: dim 0); None without evidence."""
@@ -234,13 +256,54 @@ def _factor(t: torch.Tensor) -> torch.Tensor:
     return (t.float() if t.dtype == torch.float64 else t).contiguous()
 
 
+def _coverage(view: dict[str, str], specs: dict[str, Spec], adapter, base: str) -> list[str]:
+    """What the adapter's config says the model holds that the adapter lacks, against the checkpoint (the
+    checks pylora.adapters.fit makes against a model, in the same words): targeted modules without
+    factors, modules_to_save entries that match nothing or whose tensors are missing, the biases of its
+    bias mode. A checkpoint has no module types, so target_modules="all-linear" is not resolved here
+    (PEFT writes the modules it chose as a list)."""
+    cfg, problems = adapter.config, []
+    names = {n: k for k, n in view.items()}  # model name -> checkpoint key
+    if not cfg.is_all_linear():
+        for name, key in names.items():
+            module = name[:-len(".weight")]
+            if name.endswith(".weight") and len(specs[key].shape) in (2, 4) and module not in adapter.modules \
+                    and cfg.matches(module):
+                kind = "embedding" if module.rsplit(".", 1)[-1] in INPUT_EMBEDDINGS else "linear"
+                problems.append(missing_module(adapter, cfg, module, kind))
+    modules = {n.rsplit(".", i)[0] for n in names for i in range(1, n.count(".") + 1)}
+    saved = []
+    for entry in cfg.modules_to_save or []:
+        found = sorted(m for m in modules if names_module(entry, m))
+        held = any(cfg.split_saved(t) is not None for t in adapter.extra_tensors)
+        if not found and not held and entry not in TASK_HEADS.get(cfg.task_type, ()):
+            problems.append(unmatched_saved_entry(adapter, entry, base))
+        saved += found
+    expected = {n: "modules_to_save" for n in names for s in saved if n.startswith(s + ".")}
+    if cfg.bias == "all":
+        expected.update({n: "bias='all'" for n in names if n.endswith(".bias") and n not in expected})
+    elif cfg.bias == "lora_only":
+        expected.update({f"{m}.bias": "bias='lora_only'" for m in adapter.modules if f"{m}.bias" in names})
+    for name, why in expected.items():
+        if name not in adapter.extra_tensors:
+            problems.append(missing_saved_tensor(adapter, base, name, why))
+    for module, mw in adapter.modules.items():
+        family = "embedding" if mw.kind == "embedding" else "lora"
+        for role, t in (("A", mw.lora_A), ("B", mw.lora_B)):
+            if t.dtype == torch.float64 and not bool(torch.isfinite(t.float()).all()):
+                problems.append(beyond_range(adapter, module, ROLE_SUFFIX[family, role], torch.float32))
+    return problems
+
+
 def build_updates(specs: dict[str, Spec], config: Optional[dict], adapters: list,
-                  out_dtype: Optional[torch.dtype]) -> Updates:
+                  out_dtype: Optional[torch.dtype], base: str = "the checkpoint") -> Updates:
     """The updates for merging `adapters` (a list of (path, Adapter, weight)) into the checkpoint whose
-    tensors are `specs` (key -> Spec) and whose config.json is `config` (a dict, or None).
+    tensors are `specs` (key -> Spec) and whose config.json is `config` (a dict, or None); `base` names
+    the checkpoint in messages.
 
     Raises CheckpointError listing every problem: a module or tensor with no counterpart, a shape that
-    does not fit, a dtype that cannot be merged into.
+    does not fit, a dtype that cannot be merged into, what the adapter's config says the model holds and
+    the adapter lacks (_coverage).
     """
     names = _Names(specs, config)
     plan, problems = Updates(), []
@@ -271,6 +334,7 @@ def build_updates(specs: dict[str, Spec], config: Optional[dict], adapters: list
         plan.by_key.setdefault(key, []).append(op)
 
     for path, adapter, weight in adapters:
+        problems += _coverage(names.adapter_view(adapter), specs, adapter, base)
         for name, value in adapter.extra_tensors.items():
             kind = adapter.extra_kinds[name]
             where = f"adapter {path}: tensor {name!r} ({kind})"

@@ -1,8 +1,11 @@
 """Broken adapters: each case turns a copy of a valid adapter directory (tiny Llama, q_proj/v_proj,
 r=4, PEFT's layout) into a broken one, and names the error it must produce.
 
-A case is (id, mutate(dir), pattern the AdapterError message must match, model_free): model_free
-cases fail in read_adapter already; the others only against the model (models.llama).
+A case is (id, mutate(dir), pattern the AdapterError message must match, model_free[, merge pattern]):
+model_free cases fail in read_adapter already; the others only against a base: the model
+(tests.models.llama) or, for `pylora merge`, its checkpoint on disk, named BASE in the patterns. Where
+the checkpoint merge words a problem in its own terms (checkpoint keys and shapes), the fifth entry is
+the pattern its error must match.
 """
 import json
 import os
@@ -14,6 +17,7 @@ P = "base_model.model."
 Q0 = "model.layers.0.self_attn.q_proj"
 V1 = "model.layers.1.self_attn.v_proj"
 DELETE = object()
+BASE = r"(LlamaForCausalLM|the checkpoint \S+)"
 
 
 def _config(d):
@@ -183,18 +187,22 @@ CASES = [
      r"key 'base_model\.model\.model\.layers\.1\.self_attn\.v_proj\.lora_B\.weight' is missing", True),
     ("shape_does_not_fit_module", tensors(_set(P + Q0 + ".lora_A.weight", lambda x: torch.cat([x, x[:, :16]], 1))),
      r"q_proj\.lora_A\.weight: shape \[4, 48\] does not fit LlamaForCausalLM\.model\.layers\.0\.self_attn\.q_proj "
-     r"\(Linear, weight \[32, 32\]\): expected \[4, 32\]", False),
+     r"\(Linear, weight \[32, 32\]\): expected \[4, 32\]", False,
+     r"checkpoint tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' has shape \[32, 32\]; expected \[32, 48\]"),
     ("factor_with_3_dims", tensors(_set(P + Q0 + ".lora_A.weight", lambda x: x.reshape(4, 4, 8))),
      r"q_proj\.lora_A\.weight': shape \[4, 4, 8\] has 3 dimensions; expected 2 \(\[r, I\]: Linear, Conv1D\) or 4",
      True),
     ("conv_factors_for_a_linear", tensors(lambda t: t.update({
         P + Q0 + ".lora_A.weight": t[P + Q0 + ".lora_A.weight"].reshape(4, 2, 4, 4),
         P + Q0 + ".lora_B.weight": t[P + Q0 + ".lora_B.weight"].reshape(32, 4, 1, 1)})),
-     r"module '.*q_proj' holds conv2d factors .* is a Linear", False),
+     r"module '.*q_proj' holds conv2d factors .* is a Linear", False,
+     r"checkpoint tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' has shape \[32, 32\]; expected \[32, 2, 4, 4\] "
+     r"\(Conv2d"),
     ("module_the_model_lacks", tensors(lambda t: t.update({
         P + "model.layers.7.self_attn.q_proj.lora_A.weight": torch.randn(4, 32),
         P + "model.layers.7.self_attn.q_proj.lora_B.weight": torch.randn(32, 4)})),
-     r"keys for module 'model\.layers\.7\.self_attn\.q_proj' .*which LlamaForCausalLM lacks", False),
+     r"keys for module 'model\.layers\.7\.self_attn\.q_proj' .*which LlamaForCausalLM lacks", False,
+     r"the checkpoint has no tensor 'model\.layers\.7\.self_attn\.q_proj\.weight'"),
     ("module_not_targeted", tensors(lambda t: t.update({
         P + "model.layers.0.self_attn.k_proj.lora_A.weight": torch.randn(4, 32),
         P + "model.layers.0.self_attn.k_proj.lora_B.weight": torch.randn(16, 4)})),
@@ -204,19 +212,22 @@ CASES = [
      r"key base_model\.model\.model\.layers\.1\.self_attn\.v_proj\.lora_A\.weight is missing: the config targets "
      r"module 'model\.layers\.1\.self_attn\.v_proj'", False),
     ("targets_the_model_lacks", both(config(target_modules=["c_attn", "c_proj"]), tensors(_other_model_keys)),
-     r"target_modules=\[.*'c_attn'.*\] matches no module of LlamaForCausalLM", False),
+     r"target_modules=\[.*'c_attn'.*\] matches no module of LlamaForCausalLM", False,
+     r"the checkpoint has no tensor '.*c_attn\.weight'"),
     ("lora_bias_not_configured", tensors(lambda t: t.update({P + Q0 + ".lora_B.bias": torch.randn(32)})),
      r"unexpected key '.*q_proj\.lora_B\.bias': the config has lora_bias=false", True),
     ("lora_bias_missing", config(lora_bias=True), r"key '.*q_proj\.lora_B\.bias' is missing: the config has "
                                                   r"lora_bias=true", True),
     ("modules_to_save_entry_the_model_lacks", config(modules_to_save=["classifier_head"]),
-     r"modules_to_save entry 'classifier_head' matches no module of LlamaForCausalLM", False),
+     r"modules_to_save entry 'classifier_head' matches no module of " + BASE, False),
     ("modules_to_save_tensor_missing", config(modules_to_save=["lm_head"]),
-     r"the tensor for LlamaForCausalLM\.lm_head\.weight is missing \(the config saves it: modules_to_save\)", False),
+     r"the tensor for " + BASE + r"\.lm_head\.weight is missing \(the config saves it: modules_to_save\)", False),
     ("modules_to_save_tensor_shape", both(config(modules_to_save=["lm_head"]),
                                           tensors(lambda t: t.update({P + "lm_head.weight": torch.randn(4, 4)}))),
      r"modules_to_save tensor 'lm_head\.weight': shape \[4, 4\] does not fit LlamaForCausalLM\.lm_head\.weight: "
-     r"expected \[96, 32\]", False),
+     r"expected \[96, 32\]", False,
+     r"tensor 'lm_head\.weight' \(modules_to_save\): shape \[4, 4\], but checkpoint tensor 'lm_head\.weight' has "
+     r"shape \[96, 32\]"),
     ("bias_without_bias_mode", tensors(lambda t: t.update({P + "model.norm.bias": torch.randn(32)})),
      r"unexpected key 'base_model\.model\.model\.norm\.bias': 'model\.norm\.bias' is neither a LoRA factor nor a "
      r"tensor this config saves \(bias='none'", True),

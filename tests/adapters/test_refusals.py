@@ -1,5 +1,7 @@
 """The broken-adapter corpus and the PEFT methods pylora does not implement: each refused with its
 error by every entry point, and nothing changed."""
+import os
+import re
 import shutil
 import warnings
 
@@ -7,9 +9,10 @@ import pytest
 
 import pylora
 from pylora import adapters as pa
+from pylora import cli
 from tests.adapters.common import assert_untouched, peft
 from tests.adapters.corpus import CASES as CORPUS
-from tests.helpers import snapshot
+from tests.helpers import assert_same, snapshot
 from tests.models import BUILDERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,9 +22,33 @@ def test_corpus_is_large_and_distinct():
     ids = [c[0] for c in CORPUS]
     assert len(ids) >= 20 and len(set(ids)) == len(ids)
 
+@pytest.fixture(scope="session")
+def llama_checkpoint(tmp_path_factory):
+    """The corpus model saved as a transformers checkpoint, for `pylora merge`."""
+    d = tmp_path_factory.mktemp("llama_checkpoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BUILDERS["llama"]().save_pretrained(str(d))
+    return d
+
+
+def server_state(server):
+    """What a refused MultiLoRA.load_adapter must leave as it was."""
+    return (snapshot(server.model), server.adapters, server.resident_adapters(), sorted(server.pool.modules))
+
+
+def assert_server_unchanged(server, state):
+    snap, adapters, resident, modules = state
+    assert_same(server.model, snap)
+    assert (server.adapters, server.resident_adapters(), sorted(server.pool.modules)) == (adapters, resident, modules)
+
+
 @pytest.mark.parametrize("case", CORPUS, ids=[c[0] for c in CORPUS])
-def test_broken_adapter_refused_model_untouched(case, valid_adapter, tmp_path):
-    _, mutate, pattern, model_free = case
+def test_every_entry_point_refuses_the_corpus_alike(case, valid_adapter, llama_checkpoint, tmp_path, capsys):
+    """One ingestion path: pylora.load_adapter, MultiLoRA.load_adapter, `pylora merge` and `pylora info
+    --adapter` refuse each broken adapter with the same AdapterError text and change nothing. Cases that
+    only a model can reveal are refused by the three entry points that have one (info has no model)."""
+    name, mutate, pattern, model_free = case[:4]
     d = tmp_path / "adapter"
     shutil.copytree(valid_adapter, d)
     mutate(str(d))
@@ -30,12 +57,37 @@ def test_broken_adapter_refused_model_untouched(case, valid_adapter, tmp_path):
             pa.read_adapter(d)
     else:
         pa.read_adapter(d)  # only the model shows what is wrong
+
     model = BUILDERS["llama"]()
     snap = snapshot(model)
     with pytest.raises(pylora.AdapterError, match=pattern) as info:
         pylora.load_adapter(model, d)
     assert_untouched(model, snap)
     assert isinstance(info.value, ValueError) and str(d) in str(info.value)
+
+    server = pylora.MultiLoRA(BUILDERS["llama"]())
+    server.load_adapter("fine", valid_adapter)
+    state = server_state(server)
+    with pytest.raises(pylora.AdapterError, match=pattern) as served:
+        server.load_adapter("broken", d)
+    assert_server_unchanged(server, state)
+    assert served.value.problems == info.value.problems  # the same problems, word for word
+
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--base", str(llama_checkpoint), "--adapter", str(d), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pylora merge: error: ") and err.count("\n") == 1, err
+    assert re.search(case[4] if len(case) > 4 else pattern, err), (pattern, err)
+    assert not out.exists() and os.listdir(tmp_path) == ["adapter"]
+
+    status = cli.main(["info", "--adapter", str(d)])
+    text = capsys.readouterr().out
+    if model_free:
+        assert status == 1 and re.search(pattern, text), text
+    else:
+        assert status == 0 and "problems: none" in text
+
 
 PEFT_REFUSED = {
     "dora": (lambda: peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), r"use_dora=True is not supported"),

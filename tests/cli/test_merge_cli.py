@@ -122,7 +122,9 @@ def test_error_adapter_targets_a_module_the_checkpoint_lacks(merge_inputs, tmp_p
               metadata={"format": "pt"})
     proc = run_merge("--base", merge_inputs.llama, "--adapter", moved, "--out", tmp_path / "out")
     assert_one_line_error(proc, str(moved), "'model.layers.7.self_attn.k_proj'",
-                          "the checkpoint has no tensor 'model.layers.7.self_attn.k_proj.weight'", "2 problems")
+                          "the checkpoint has no tensor 'model.layers.7.self_attn.k_proj.weight'", "4 problems",
+                          # and what the config targets in layer 1 now has no factors
+                          "is missing: the config targets module 'model.layers.1.self_attn.k_proj'")
     assert not (tmp_path / "out").exists()
 
 def test_error_existing_output_without_overwrite(merge_inputs, tmp_path):
