@@ -303,6 +303,7 @@ def merge_checkpoint(base_dir: Union[str, os.PathLike], adapters, out_dir: Union
     out_dtype = _out_dtype(dtype)
     args = _adapter_args(adapters)
     layout = read_layout(base)
+    _clean_stale(os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out)))
     _check_dirs(base, [p for p, _ in args], out, overwrite)
     config_path = os.path.join(base, CONFIG_NAME)
     config = _read_json(config_path, "a transformers config") if os.path.isfile(config_path) else None
@@ -324,7 +325,6 @@ def merge_checkpoint(base_dir: Union[str, os.PathLike], adapters, out_dir: Union
         raise CheckpointError(f"output directory {out}: needs {need} bytes, {existing} has {free} free")
 
     os.makedirs(parent, exist_ok=True)
-    _clean_stale(parent, os.path.basename(os.path.abspath(out)))
     tmp = _new_dir(parent, os.path.basename(os.path.abspath(out)), "tmp")
     try:
         with progress_bar(total=total, progress=progress, desc="pylora merge", unit="B", unit_scale=True,

@@ -41,7 +41,8 @@ class ModulesToSave(nn.Module):
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel / FSDP (`.module`) and torch.compile (`._orig_mod`)
     wrappers: the first one that holds a pylora config, else the innermost."""
-    while getattr(model, CONFIG_ATTR, None) is None:
+    # The model's own attribute, not getattr: torch.compile's wrapper forwards attribute lookups.
+    while vars(model).get(CONFIG_ATTR) is None:
         inner = getattr(model, "module", None)
         inner = inner if isinstance(inner, nn.Module) else getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
@@ -53,7 +54,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def get_config(model: nn.Module) -> Optional[LoraConfig]:
     """The LoraConfig a model was injected with (None for a model without pylora layers); looks
     through wrappers such as DistributedDataParallel and torch.compile."""
-    return getattr(unwrap_model(model), CONFIG_ATTR, None)
+    return vars(unwrap_model(model)).get(CONFIG_ATTR)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

@@ -59,6 +59,12 @@ class LoraLayer(nn.Module):
     def _merge_args(self):
         raise NotImplementedError
 
+    def _warn_unmergeable_bias(self, lora_bias: bool, name: str) -> None:
+        if lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(f"{name or 'module'}: lora_bias=True, but the base {type(self.base_layer).__name__} has no "
+                          "bias: merging it will be refused (as PEFT refuses it); it trains and serves unmerged",
+                          stacklevel=4)
+
     def check_mergeable(self) -> None:
         """ValueError when merge() cannot be done whatever the values: lora_bias with no base bias to take
         lora_B's bias (PEFT refuses that merge too). Model-level merge asks every layer before writing."""
@@ -161,6 +167,7 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **kw))
         self.lora_B_bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if lora_bias else None
+        self._warn_unmergeable_bias(lora_bias, name)
         self.reset_lora_parameters(init_lora_weights)
 
     def _merge_args(self):
@@ -244,6 +251,7 @@ class LoraConv2d(LoraLayer):
         self.lora_A = nn.Parameter(torch.empty(self.r, in_c, kh, kw_, **kw))
         self.lora_B = nn.Parameter(torch.empty(out_c, self.r, 1, 1, **kw))
         self.lora_B_bias = nn.Parameter(torch.zeros(out_c, **kw)) if lora_bias else None
+        self._warn_unmergeable_bias(lora_bias, name)
         self.reset_lora_parameters(init_lora_weights)
 
     def _merge_args(self):

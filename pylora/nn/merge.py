@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pylora.nn.inject import CONFIG_ATTR, ModulesToSave, lora_layers, set_module
+from pylora.nn.inject import CONFIG_ATTR, ModulesToSave, lora_layers, set_module, unwrap_model
 
 
 def _named_error(name: str, exc: Exception) -> Exception:
@@ -58,8 +58,9 @@ def _replace_all(model: nn.Module, merge_first: bool) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSave):
             set_module(model, name, module.trained_module if merge_first else module.original_module)
-    if hasattr(model, CONFIG_ATTR):
-        object.__delattr__(model, CONFIG_ATTR)
+    inner = unwrap_model(model)  # the config lives on the model inside DDP / torch.compile wrappers
+    if CONFIG_ATTR in vars(inner):
+        object.__delattr__(inner, CONFIG_ATTR)
     return model
 
 

@@ -87,8 +87,8 @@ def merge_bias(bias: torch.Tensor, lora_B_bias: torch.Tensor, scale: float) -> t
     bad = ~torch.isfinite(new)
     if bool(bad.any()):
         o = int(bad.nonzero()[0, 0])
-        raise ValueError(f"merge_bias: the merged bias at [{o}] is {new[o].item()}, not finite (bias {bias[o].item()}"
-                         f" + scale {float(scale):g} * lora_B.bias {lora_B_bias[o].item()}; "
+        raise ValueError(f"merge_bias: the merged bias at [{o}] is {new[o].item():g}, not finite (bias "
+                         f"{bias[o].item():g} + scale {float(scale):g} * lora_B.bias {lora_B_bias[o].item():g}; "
                          f"{str(bias.dtype).removeprefix('torch.')} reaches {torch.finfo(bias.dtype).max:g})")
     return new
 

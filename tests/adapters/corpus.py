@@ -153,6 +153,17 @@ CASES = [
     ("unknown_field_set", config(future_option={"mode": 2}),
      r"unknown field future_option=\{'mode': 2\}: pylora does not know this option", True),
     ("bool_field_as_string", config(use_rslora="false"), r"use_rslora='false' must be true or false", True),
+    ("alpha_overflows_float32", config(lora_alpha=1e300),
+     r"lora_alpha=1e\+300 gives the scale lora_alpha / r = 2\.5e\+299 with r=4, outside float32's normal range", True),
+    ("alpha_pattern_underflows_float32", config(alpha_pattern={"v_proj": 1e-300}),
+     r"alpha_pattern\['v_proj'\]=1e-300 gives the scale .* outside float32's normal range", True),
+    ("layers_pattern_invalid", config(layers_to_transform=[0], layers_pattern="layers["),
+     r"layers_pattern='layers\[' is not a valid regular expression", True),
+    # Exponential backtracking: Python's re takes longer than any test's patience on a module name.
+    ("target_modules_backtracks", config(target_modules=r"(.*?)+\.(.*?)+\.(.*?)+X"),
+     r"target_modules='\(\.\*\?\)\+.*': matching it against the module name '.*' took more than 0\.25 s", True),
+    ("rank_pattern_key_backtracks", config(rank_pattern={r"(.*?)+\.(.*?)+\.(.*?)+X": 2}),
+     r"rank_pattern key='\(\.\*\?\)\+.*': matching it against the module name '.*' took more than 0\.25 s", True),
     # the weights file
     ("weights_missing", remove("adapter_model.safetensors"), r"adapter_model\.safetensors: missing", True),
     ("weights_empty", weights_bytes(lambda b: b""), r"truncated: 0 bytes", True),

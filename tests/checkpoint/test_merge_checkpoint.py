@@ -185,3 +185,36 @@ def test_peak_memory_stays_near_one_tensor(tmp_path):
         for i in (0, n - 1):  # merged, not copied
             a, b = merged.get_tensor(f"layers.{i}.proj.weight"), original.get_tensor(f"layers.{i}.proj.weight")
             assert 0 < (a - b).abs().max() < 1
+
+
+def _dead_pid():
+    """A process id that no process has: a child that has exited and been reaped."""
+    proc = subprocess.Popen([PYTHON, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_killed_merges_are_cleaned(merge_inputs, tmp_path):
+    """A merge killed with SIGKILL leaves its hidden temporary output; the next merge beside the same
+    output removes those of dead processes of this host, keeps a live one's, and puts back an output a
+    killed merge had moved aside."""
+    from pylora.checkpoint.merge import _host_tag
+
+    host, dead = _host_tag(), _dead_pid()
+    stale = tmp_path / f".out.tmp-{host}-{dead}-0123abcd"
+    live = tmp_path / f".out.tmp-{host}-{os.getpid()}-89abcdef"
+    other_host = tmp_path / f".out.tmp-elsewhere-{dead}-0123abcd"
+    for d in (stale, live, other_host):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    ckpt.merge_checkpoint(merge_inputs.gpt2, [merge_inputs.g], tmp_path / "out", progress=False)
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other_host.name, "out"])
+
+    # Killed between moving the previous output aside and renaming the new one into place: the previous
+    # output is put back, and then protected like any existing output.
+    sums = checksums(tmp_path / "out")
+    (tmp_path / "out").rename(tmp_path / f".out.old-{host}-{dead}-00000000")
+    with pytest.raises(ckpt.CheckpointError, match="exists and is not empty"):
+        ckpt.merge_checkpoint(merge_inputs.gpt2, [(merge_inputs.g, 0.5)], tmp_path / "out", progress=False)
+    assert checksums(tmp_path / "out") == sums
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, other_host.name, "out"])
