@@ -27,7 +27,7 @@
 #include <memory>
 #include <vector>
 
-#include "../common/lora_apply_args.h"
+#include "../common/lora_apply_problem.h"
 #include "vec.h"
 
 namespace pylora {

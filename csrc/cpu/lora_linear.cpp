@@ -1,4 +1,4 @@
-// lora_linear_cpu / lora_linear_backward_cpu: the ATen GEMMs of common/lora_linear_args.cpp plus the
+// lora_linear_cpu / lora_linear_backward_cpu: the ATen GEMMs of common/lora_linear_problem.cpp plus the
 // dropout-masked pieces, which never hold more of drop(x) than one tile per thread:
 //   shrink           h [T, r]  = drop(x) A^T
 //   masked backward  dX [T, I] += (u A) * keep / (1 - p)   and   dA [r, I] = u^T drop(x)
@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "../common/dropout_hash.h"
-#include "../common/lora_linear_args.h"
+#include "../common/lora_linear_problem.h"
 #include "../common/merge_math.h"
 
 namespace pylora {

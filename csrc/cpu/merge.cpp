@@ -15,7 +15,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../common/merge_args.h"
+#include "../common/merge_problem.h"
 #include "../common/merge_math.h"
 
 namespace pylora {

@@ -36,7 +36,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../common/lora_apply_args.h"
+#include "../common/lora_apply_problem.h"
 
 namespace pylora {
 namespace {

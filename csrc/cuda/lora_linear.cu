@@ -1,4 +1,4 @@
-// lora_linear_cuda / lora_linear_backward_cuda: the ATen (cuBLAS) GEMMs of common/lora_linear_args.cpp
+// lora_linear_cuda / lora_linear_backward_cuda: the ATen (cuBLAS) GEMMs of common/lora_linear_problem.cpp
 // plus three kernels for the dropout-masked pieces, each a shared-memory tiled product whose tile
 // loader hashes the keep bit of every x element it reads (common/dropout_hash.h), so neither a mask
 // nor a dropped copy of x ever reaches global memory:
@@ -21,7 +21,7 @@
 #include <tuple>
 
 #include "../common/dropout_hash.h"
-#include "../common/lora_linear_args.h"
+#include "../common/lora_linear_problem.h"
 
 namespace pylora {
 namespace {

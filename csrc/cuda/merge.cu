@@ -18,7 +18,7 @@
 #include <limits>
 #include <tuple>
 
-#include "../common/merge_args.h"
+#include "../common/merge_problem.h"
 #include "../common/merge_math.h"
 
 namespace pylora {

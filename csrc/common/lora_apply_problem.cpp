@@ -1,8 +1,8 @@
-#include "lora_apply_args.h"
+#include "lora_apply_problem.h"
 
 #include <ATen/MemoryOverlap.h>
 
-#include "names.h"
+#include "dtypes.h"
 
 namespace pylora {
 

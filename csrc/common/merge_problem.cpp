@@ -1,4 +1,4 @@
-#include "merge_args.h"
+#include "merge_problem.h"
 
 #include <algorithm>
 #include <cmath>
@@ -7,7 +7,7 @@
 #include <utility>
 
 #include "merge_math.h"
-#include "names.h"
+#include "dtypes.h"
 
 namespace pylora {
 

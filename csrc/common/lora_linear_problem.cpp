@@ -1,4 +1,4 @@
-#include "lora_linear_args.h"
+#include "lora_linear_problem.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
 
@@ -6,7 +6,7 @@
 #include <sstream>
 #include <string>
 
-#include "names.h"
+#include "dtypes.h"
 
 namespace pylora {
 
