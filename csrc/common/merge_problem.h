@@ -1,12 +1,42 @@
-// Device-agnostic parts of merge_ / unmerge_: argument validation, the storage view the kernels
-// work on, the conservative finiteness bound, and applying a correction record (ATen ops only,
-// so the same code serves CPU and CUDA tensors).
+// The device-agnostic part of merge_ / unmerge_ (ATen ops only, so the same code serves CPU and CUDA
+// tensors): argument validation, the storage view the kernels work on and the MergeParams they get,
+// the conservative finiteness bound, and the error for a result that would not be finite.
+// The correction record's checks and its application are in merge_record.h.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <string>
 
+#include "dtypes.h"
+#include "merge_math.h"
+#include "merge_params.h"
+
 namespace pylora {
+
+// The element arithmetic (merge_math.h) of each storage element type.
+template <class T>
+struct StorageOf;
+template <>
+struct StorageOf<float> {
+  using type = mm::F32;
+};
+template <>
+struct StorageOf<c10::Half> {
+  using type = mm::F16;
+};
+template <>
+struct StorageOf<c10::BFloat16> {
+  using type = mm::BF16;
+};
+
+// Returns f(TypeTag<S>{}) with S = mm::F32, mm::F16 or mm::BF16 for the weight's dtype t (through
+// dtypes.h's one table; any other dtype is a ValueError naming the weight).
+template <class F>
+decltype(auto) dispatch_storage(const char* op, c10::ScalarType t, F&& f) {
+  return dispatch_dtype<DtypeSet::kF32F16BF16>(op, "weight", t, [&](auto tag) -> decltype(auto) {
+    return f(TypeTag<typename StorageOf<typename decltype(tag)::type>::type>{});
+  });
+}
 
 // The kernels see every merge as  S[P, Q] += s * U[P, r] @ V[r, Q]  on a contiguous storage view S.
 // weight [O, I] contiguous:            S = weight,     U = B,     V = A
@@ -17,10 +47,8 @@ struct MergeProblem {
   at::Tensor U;  // [P, r] fp32 contiguous
   at::Tensor V;  // [r, Q] fp32 contiguous
   bool transposed = false;
-  int64_t P = 0, Q = 0, r = 0;
-  float s = 0.f;
-  int64_t chunks_per_row() const;
-  int64_t num_chunks() const { return P * chunks_per_row(); }
+  MergeParams<void> params{};  // pointers into S, U and V, the sizes and s: what the kernels see
+  int64_t num_chunks() const { return params.P * params.nb; }
   // "weight[o, i]" in the weight's own indices for storage element (p, q).
   std::string where(int64_t p, int64_t q) const;
 };
@@ -34,23 +62,10 @@ MergeProblem prepare_merge(const char* op, const at::Tensor& weight, const at::T
 // False means "check every element", not "fails".
 bool bound_allows_merge(const MergeProblem& mp);
 
-// Raises ValueError: the merged weight would not be finite at storage element (p, q).
-[[noreturn]] void fail_nonfinite(const char* op, const MergeProblem& mp, int64_t p, int64_t q, float w,
-                                 float acc);
-
-// Validates a record's tensors (dims, dtypes, device, sizes) against the problem.
-void check_record_layout(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
-                         const at::Tensor& esc_index, const at::Tensor& esc_value);
-
-// Validates a record's contents (counts >= 0 summing to the entries, columns < Q, escape indices in
-// range) with ATen ops, for any device; the CPU kernel checks the same with a plain loop.
-// Returns each entry's flat storage index (empty when there are no entries), for apply_record.
-at::Tensor check_record_contents(const char* op, const MergeProblem& mp, const at::Tensor& counts,
-                                 const at::Tensor& entries, const at::Tensor& esc_index);
-
-// After the unmerge pass wrote the candidates c: S[entry_index] = unkey(key(c) + delta), then the
-// escapes (ATen ops, for any device; the CPU kernel applies entries inside its pass instead).
-void apply_record(const MergeProblem& mp, const at::Tensor& entry_index, const at::Tensor& entries,
-                  const at::Tensor& esc_index, const at::Tensor& esc_value);
+// Raises ValueError: the merged weight would not be finite at storage element `index` (= p * Q + q,
+// the first such element in storage order). The message's numbers are read back here, on the host,
+// for any device: the weight element and s * acc, acc the fp32 fma chain of merge_math.h (the value
+// every kernel and pylora/reference.py compute), so each backend reports the same numbers.
+[[noreturn]] void fail_nonfinite(const char* op, const MergeProblem& mp, int64_t index);
 
 }  // namespace pylora
