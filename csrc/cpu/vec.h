@@ -16,15 +16,22 @@
 #include <cstdint>
 #include <cstring>
 
+// The choice, made once; the rest of this file keys on PYLORA_VEC (undefined again at the end).
+#define PYLORA_VEC_PLAIN 0
+#define PYLORA_VEC_AVX2 1
+#define PYLORA_VEC_AVX512 2
 #if defined(__AVX512F__)
-#define PYLORA_VEC_ISA avx512
+#define PYLORA_VEC PYLORA_VEC_AVX512
+#define PYLORA_VEC_NS avx512
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define PYLORA_VEC_ISA avx2
+#define PYLORA_VEC PYLORA_VEC_AVX2
+#define PYLORA_VEC_NS avx2
 #else
-#define PYLORA_VEC_ISA plain
+#define PYLORA_VEC PYLORA_VEC_PLAIN
+#define PYLORA_VEC_NS plain
 #endif
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#if PYLORA_VEC != PYLORA_VEC_PLAIN
 #include <immintrin.h>
 #endif
 
@@ -33,9 +40,9 @@ namespace vec {
 
 enum class Isa { kAvx512, kAvx2, kPlain };
 
-inline namespace PYLORA_VEC_ISA {
+inline namespace PYLORA_VEC_NS {
 
-#if defined(__AVX512F__)
+#if PYLORA_VEC == PYLORA_VEC_AVX512
 
 constexpr Isa kIsa = Isa::kAvx512;
 
@@ -72,7 +79,7 @@ inline void store(c10::BFloat16* p, V v) {
 
 #pragma GCC diagnostic pop
 
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#elif PYLORA_VEC == PYLORA_VEC_AVX2
 
 constexpr Isa kIsa = Isa::kAvx2;
 constexpr int W = 8;
@@ -147,7 +154,7 @@ inline void store(T* p, V v) {
 // stays in registers for a whole reduction. fma_rn rounds once per lane on every ISA (the vector fma
 // instructions; __builtin_fmaf in plain C++), so a kernel written with Blocks gives the same bits
 // whatever ISA this file chose.
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#if PYLORA_VEC != PYLORA_VEC_PLAIN
 
 constexpr int kBlock = 2 * W;
 struct Block {
@@ -198,8 +205,12 @@ inline T from_f(float f) {
   return static_cast<T>(f);
 }
 
-}  // namespace PYLORA_VEC_ISA
+}  // namespace PYLORA_VEC_NS
 }  // namespace vec
 }  // namespace pylora
 
-#undef PYLORA_VEC_ISA
+#undef PYLORA_VEC
+#undef PYLORA_VEC_NS
+#undef PYLORA_VEC_PLAIN
+#undef PYLORA_VEC_AVX2
+#undef PYLORA_VEC_AVX512
