@@ -15,6 +15,10 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# setuptools resolves sources, packages, pyproject.toml and --inplace against the working directory
+# and wants sources relative to this file's folder (an absolute one fails `pip wheel` and `pip install
+# -e`). pip runs this file from ROOT; `python path/to/setup.py ...` from elsewhere must do the same.
+os.chdir(ROOT)
 
 
 def _cuda_home_candidates():
@@ -89,9 +93,18 @@ if cpu_arch:
 cxx_flags.append("-DPYLORA_CPU_ARCH=" + (cpu_arch or "default").replace("-", "_").replace(".", "_"))
 nvcc_flags = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr"]
 
-sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+
+def source_files(*patterns):
+    """The files under csrc/ matching the patterns, as paths relative to ROOT (what setuptools wants)."""
+    paths = (glob.glob(os.path.join("csrc", pattern), root_dir=ROOT) for pattern in patterns)
+    return sorted(path for found in paths for path in found)
+
+
+sources = source_files("*.cpp", "common/*.cpp", "cpu/*.cpp")
+if os.path.join("csrc", "ops.cpp") not in sources:
+    sys.exit(f"setup.py: {ROOT}/csrc/ops.cpp not found: the extension would hold no ops")
 if with_cuda:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    sources += source_files("cuda/*.cu")
     macros = [("PYLORA_WITH_CUDA", "1"), ("PYLORA_CUDA_ARCHES", arch_tag(os.environ["TORCH_CUDA_ARCH_LIST"]))]
     ext = cpp_extension.CUDAExtension(
         "pylora._C", sources, define_macros=macros,

@@ -27,7 +27,9 @@
 #include <memory>
 #include <vector>
 
-#include "../common/lora_apply_args.h"
+#include "../common/dtypes.h"
+#include "../common/lora_apply_params.h"
+#include "../common/lora_apply_problem.h"
 #include "vec.h"
 
 namespace pylora {
@@ -35,19 +37,15 @@ namespace {
 
 using vec::W;
 
-// Register blocking (accumulators stay in registers across the whole reduction):
+// Register blocking (accumulators stay in registers across the whole reduction), per vec.h's ISA:
 // shrink: kShrinkRT tokens x kShrinkRR rows of dot products; expand: kExpandRT tokens x kExpandCV
 // vectors of columns.
-#if defined(__AVX512F__)
-constexpr int kShrinkRT = 3, kShrinkRR = 8;  // 24 zmm accumulators + 3 x + 1 A
-constexpr int kExpandRT = 4, kExpandCV = 4;  // 16 accumulators + 4 B + 1 h
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-constexpr int kShrinkRT = 2, kShrinkRR = 4;  // 8 ymm accumulators + 2 x + 1 A
-constexpr int kExpandRT = 2, kExpandCV = 4;  // 8 accumulators + 4 B + 1 h
-#else
-constexpr int kShrinkRT = 2, kShrinkRR = 4;
-constexpr int kExpandRT = 2, kExpandCV = 2;
-#endif
+//   AVX-512 (32 zmm): shrink 3 x 8 (24 accumulators + 3 x + 1 A), expand 4 x 4 (16 accumulators + 4 B + 1 h)
+//   AVX2 (16 ymm):    shrink 2 x 4 (8 accumulators + 2 x + 1 A),  expand 2 x 4 (8 accumulators + 4 B + 1 h)
+//   plain C++:        shrink 2 x 4,                               expand 2 x 2
+constexpr bool kAvx512 = vec::kIsa == vec::Isa::kAvx512, kAvx2 = vec::kIsa == vec::Isa::kAvx2;
+constexpr int kShrinkRT = kAvx512 ? 3 : 2, kShrinkRR = kAvx512 ? 8 : 4;
+constexpr int kExpandRT = kAvx512 ? 4 : 2, kExpandCV = (kAvx512 || kAvx2) ? 4 : 2;
 
 // One slot's tokens: tok[tok0, tok0 + n) index y / x; its rows are rows[0, r); H_g at h + h_off, [n, r].
 struct Group {
@@ -61,11 +59,9 @@ struct Task {
   int64_t g, t0, t1, a0, a1;
 };
 
+// The call's parameters (y, x, A, B and their row strides, I, O, ...) and the CPU's grouping.
 template <class T>
-struct Ctx {
-  T* y;
-  const T *x, *A, *B;
-  int64_t ldy, ldx, lda, ldb, I, O;
+struct Ctx : LoraApplyParams<T> {
   const int64_t* tok;
   const Group* groups;
   float* h;
@@ -360,13 +356,10 @@ int64_t task_work(int64_t total) {
 constexpr int64_t kSliceBytes = 256 * 1024;  // the slice of A or B one task keeps hot (half an L2)
 
 template <class T>
-void lora_apply_impl(const LoraApplyArgs& a) {
+void lora_apply_impl(const LoraApplyParams<T>& a) {
   if (a.T == 0 || a.O == 0) return;
-  const int32_t* rp = a.row_ptr.const_data_ptr<int32_t>();
-  const int32_t* ri = a.row_idx.const_data_ptr<int32_t>();
-  const int32_t* sp = a.seg_ptr.const_data_ptr<int32_t>();
-  const int32_t* ss = a.seg_slot.const_data_ptr<int32_t>();
-  const float* sc = a.scales.const_data_ptr<float>();
+  const int32_t *rp = a.row_ptr, *ri = a.row_idx, *sp = a.seg_ptr, *ss = a.seg_slot;
+  const float* sc = a.scales;
 
   // Group the segments by slot (stable, so a slot's tokens keep their order). Segments with no
   // adapter, no tokens or a rank-0 slot add nothing and are left out: y keeps its bits there.
@@ -393,11 +386,7 @@ void lora_apply_impl(const LoraApplyArgs& a) {
   h_size += groups.back().n * groups.back().r;
   std::unique_ptr<float[]> h(new float[h_size]);
 
-  Ctx<T> c{static_cast<T*>(a.y.data_ptr()),
-           static_cast<const T*>(a.x.const_data_ptr()),
-           static_cast<const T*>(a.A.const_data_ptr()),
-           static_cast<const T*>(a.B.const_data_ptr()),
-           a.ldy, a.ldx, a.lda, a.ldb, a.I, a.O, tok.data(), groups.data(), h.get()};
+  const Ctx<T> c{a, tok.data(), groups.data(), h.get()};
 
   int64_t shrink_total = 0, expand_total = 0;
   for (const Group& g : groups) {
@@ -427,12 +416,12 @@ void lora_apply_impl(const LoraApplyArgs& a) {
 void lora_apply_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A_rows, const at::Tensor& B_rows,
                     const at::Tensor& row_ptr, const at::Tensor& row_idx, const at::Tensor& scales,
                     const at::Tensor& seg_ptr, const at::Tensor& seg_slot) {
-  LoraApplyArgs a = prepare_lora_apply("lora_apply_", y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot);
-  switch (a.y.scalar_type()) {
-    case at::kFloat: lora_apply_impl<float>(a); break;
-    case at::kHalf: lora_apply_impl<c10::Half>(a); break;
-    default: lora_apply_impl<c10::BFloat16>(a); break;
-  }
+  const char* op = "lora_apply_";
+  LoraApplyProblem a = prepare_lora_apply(op, y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot);
+  dispatch_dtype<DtypeSet::kF32F16BF16>(op, "y", a.y.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    lora_apply_impl<T>(a.params.as<T>());
+  });
   finish_lora_apply(a);
 }
 

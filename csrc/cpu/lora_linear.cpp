@@ -1,4 +1,4 @@
-// lora_linear_cpu / lora_linear_backward_cpu: the ATen GEMMs of common/lora_linear_args.cpp plus the
+// lora_linear_cpu / lora_linear_backward_cpu: the ATen GEMMs of common/lora_linear_gemms.cpp plus the
 // dropout-masked pieces, which never hold more of drop(x) than one tile per thread:
 //   shrink           h [T, r]  = drop(x) A^T
 //   masked backward  dX [T, I] += (u A) * keep / (1 - p)   and   dA [r, I] = u^T drop(x)
@@ -22,7 +22,10 @@
 #include <vector>
 
 #include "../common/dropout_hash.h"
-#include "../common/lora_linear_args.h"
+#include "../common/dtypes.h"
+#include "../common/lora_linear_gemms.h"
+#include "../common/lora_linear_params.h"
+#include "../common/lora_linear_problem.h"
 #include "../common/merge_math.h"
 
 namespace pylora {
@@ -86,10 +89,10 @@ inline void accumulate_row(scalar_t* __restrict g, const acc_t* __restrict tmp, 
   for (int64_t j = 0; j < n; ++j) store(g[j], to_acc(g[j]) + (m[j] ? tmp[j] * inv : acc_t(0)));
 }
 
-int64_t num_row_tiles(const LinearProblem& pb) { return (pb.T + kRowTile - 1) / kRowTile; }
+int64_t num_row_tiles(const LoraLinearParams& pb) { return (pb.T + kRowTile - 1) / kRowTile; }
 
 // Fills the mask bytes of rows [t0, t0 + nt) x columns [i0, i0 + ni), row stride kColTile.
-void tile_mask(const LinearProblem& pb, const dropout::Key& key, int64_t t0, int64_t nt, int64_t i0, int64_t ni,
+void tile_mask(const LoraLinearParams& pb, const dropout::Key& key, int64_t t0, int64_t nt, int64_t i0, int64_t ni,
                uint8_t* mask) {
   for (int64_t tt = 0; tt < nt; ++tt)
     keep_row(key, static_cast<uint64_t>(t0 + tt) * static_cast<uint64_t>(pb.I) + static_cast<uint64_t>(i0), ni,
@@ -97,7 +100,7 @@ void tile_mask(const LinearProblem& pb, const dropout::Key& key, int64_t t0, int
 }
 
 template <class scalar_t>
-void masked_shrink_impl(const LinearProblem& pb, const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& h) {
+void masked_shrink_impl(const LoraLinearParams& pb, const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& h) {
   using acc_t = typename AccOf<scalar_t>::type;
   const auto acc_opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor A = lora_A.detach().to(acc_opt).contiguous();  // [r, I], small
@@ -133,7 +136,7 @@ void masked_shrink_impl(const LinearProblem& pb, const at::Tensor& x, const at::
 }
 
 template <class scalar_t>
-void masked_backward_impl(const LinearProblem& pb, const at::Tensor& x, const at::Tensor& u,
+void masked_backward_impl(const LoraLinearParams& pb, const at::Tensor& x, const at::Tensor& u,
                           const at::Tensor& lora_A, at::Tensor& grad_x, at::Tensor& grad_A) {
   using acc_t = typename AccOf<scalar_t>::type;
   const bool need_x = grad_x.defined(), need_A = grad_A.defined();
@@ -189,22 +192,24 @@ void masked_backward_impl(const LinearProblem& pb, const at::Tensor& x, const at
   grad_A.copy_(sum);
 }
 
-void masked_shrink_cpu(const LinearProblem& pb, const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& h) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear",
-                                  [&] { masked_shrink_impl<scalar_t>(pb, x, lora_A, h); });
+void masked_shrink_cpu(const LoraLinearParams& pb, const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& h) {
+  dispatch_dtype<DtypeSet::kF32F16BF16F64>("lora_linear", "x", x.scalar_type(), [&](auto tag) {
+    masked_shrink_impl<typename decltype(tag)::type>(pb, x, lora_A, h);
+  });
 }
 
-void masked_backward_cpu(const LinearProblem& pb, const at::Tensor& x, const at::Tensor& u, const at::Tensor& lora_A,
+void masked_backward_cpu(const LoraLinearParams& pb, const at::Tensor& x, const at::Tensor& u, const at::Tensor& lora_A,
                          at::Tensor& grad_x, at::Tensor& grad_A) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_backward",
-                                  [&] { masked_backward_impl<scalar_t>(pb, x, u, lora_A, grad_x, grad_A); });
+  dispatch_dtype<DtypeSet::kF32F16BF16F64>("lora_linear_backward", "x", x.scalar_type(), [&](auto tag) {
+    masked_backward_impl<typename decltype(tag)::type>(pb, x, u, lora_A, grad_x, grad_A);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                    const at::Tensor& lora_B, double scale, double dropout_p,
                                                    int64_t seed, bool fan_in_fan_out) {
-  const LinearProblem pb =
+  const LoraLinearParams pb =
       check_lora_linear("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out);
   return lora_linear_forward(pb, x, weight, bias, lora_A, lora_B, &masked_shrink_cpu);
 }
@@ -214,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& lora_B, const at::Tensor& h, double scale, double dropout_p, int64_t seed, bool fan_in_fan_out,
     std::array<bool, 5> output_mask) {
   const char* op = "lora_linear_backward";
-  const LinearProblem pb =
+  const LoraLinearParams pb =
       check_lora_linear(op, x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out);
   check_lora_linear_grads(op, pb, x, grad_y, h);
   return lora_linear_backward(pb, grad_y, x, weight, lora_A, lora_B, h, output_mask, &masked_backward_cpu);

@@ -8,29 +8,24 @@
 
 #include <algorithm>
 #include <cstring>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <mutex>
 #include <tuple>
 #include <vector>
 
-#include "../common/merge_args.h"
 #include "../common/merge_math.h"
+#include "../common/merge_params.h"
+#include "../common/merge_problem.h"
+#include "../common/merge_record.h"
+#include "vec.h"
 
 namespace pylora {
 namespace {
 
-// Register blocking of the fma chain: kRB rows x kCB columns of accumulators stay in registers for
-// the whole k loop (12 zmm with AVX-512, 12 ymm with AVX2+FMA), each V load feeding kRB fmas.
-// The vector fma is the same single-rounding fma as the scalar one, so every path gives the same bits.
-#if defined(__AVX512F__)
-constexpr int kCB = 32;
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kCB = 16;
-#else
-constexpr int kCB = 8;
-#endif
+// Register blocking of the fma chain: kRB rows x kCB columns of accumulators (one vec::Block per row)
+// stay in registers for the whole k loop (12 zmm with AVX-512, 12 ymm with AVX2), each V load
+// feeding kRB fmas. Block's fma is the same single-rounding fma as the scalar one, so every path
+// gives the same bits.
+constexpr int kCB = vec::kBlock;
 constexpr int kRB = 6;
 constexpr int64_t kTile = 384;  // columns per tile; a multiple of kCB
 static_assert(kTile % kCB == 0, "kTile must be a multiple of kCB");
@@ -40,44 +35,13 @@ static_assert(kTile % kCB == 0, "kTile must be a multiple of kCB");
 template <int RB>
 inline void accumulate_block(const float* __restrict U, int64_t r, const float* __restrict v,
                              float (*__restrict acc)[kTile], int64_t j0) {
-#if defined(__AVX512F__)
-  __m512 a[RB][2];
-  for (int i = 0; i < RB; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
+  vec::Block a[RB];
+  for (int i = 0; i < RB; ++i) a[i] = vec::zero_block();
   for (int64_t k = 0; k < r; ++k, v += kCB) {
-    const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
-    for (int i = 0; i < RB; ++i) {
-      const __m512 u = _mm512_set1_ps(U[i * r + k]);
-      a[i][0] = _mm512_fmadd_ps(u, v0, a[i][0]);
-      a[i][1] = _mm512_fmadd_ps(u, v1, a[i][1]);
-    }
+    const vec::Block vk = vec::load_block(v);
+    for (int i = 0; i < RB; ++i) a[i] = vec::fma_rn(U[i * r + k], vk, a[i]);
   }
-  for (int i = 0; i < RB; ++i) {
-    _mm512_storeu_ps(acc[i] + j0, a[i][0]);
-    _mm512_storeu_ps(acc[i] + j0 + 16, a[i][1]);
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  __m256 a[RB][2];
-  for (int i = 0; i < RB; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < r; ++k, v += kCB) {
-    const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-    for (int i = 0; i < RB; ++i) {
-      const __m256 u = _mm256_set1_ps(U[i * r + k]);
-      a[i][0] = _mm256_fmadd_ps(u, v0, a[i][0]);
-      a[i][1] = _mm256_fmadd_ps(u, v1, a[i][1]);
-    }
-  }
-  for (int i = 0; i < RB; ++i) {
-    _mm256_storeu_ps(acc[i] + j0, a[i][0]);
-    _mm256_storeu_ps(acc[i] + j0 + 8, a[i][1]);
-  }
-#else
-  float a[RB][kCB] = {};
-  for (int64_t k = 0; k < r; ++k, v += kCB)
-    for (int i = 0; i < RB; ++i)
-      for (int j = 0; j < kCB; ++j) a[i][j] = mm::fma_rn(U[i * r + k], v[j], a[i][j]);
-  for (int i = 0; i < RB; ++i)
-    for (int j = 0; j < kCB; ++j) acc[i][j0 + j] = a[i][j];
-#endif
+  for (int i = 0; i < RB; ++i) vec::store(acc[i] + j0, a[i]);
 }
 
 // V [r, Q] repacked so that each block of kCB columns is one contiguous [r, kCB] stream (a row-major V
@@ -90,9 +54,9 @@ struct PackedV {
 };
 
 PackedV pack_v(const MergeProblem& mp) {
-  const int64_t nfull = mp.Q / kCB;
-  at::Tensor blocks = mp.V.narrow(1, 0, nfull * kCB).view({mp.r, nfull, kCB}).permute({1, 0, 2}).contiguous();
-  return PackedV{blocks, mp.V.const_data_ptr<float>(), mp.Q, mp.r, nfull * kCB};
+  const int64_t Q = mp.params.Q, r = mp.params.r, nfull = Q / kCB;
+  at::Tensor blocks = mp.V.narrow(1, 0, nfull * kCB).view({r, nfull, kCB}).permute({1, 0, 2}).contiguous();
+  return PackedV{blocks, mp.params.V, Q, r, nfull * kCB};
 }
 
 // acc[i][j] = fma chain over k of U[p0 + i, k] * V[k, q0 + j] (the definition in merge_math.h), i < RB, j < n.
@@ -120,11 +84,11 @@ struct NoBlockEnd {
 // Calls body(p, q0, n, acc_row) for every storage row p in [b, e) and column tile, with acc_row[j]
 // the fp32 LoRA product of (p, q0 + j); full blocks of kRB rows share their V loads, so the tiles
 // of a block's rows interleave; block_end(p0, nr) runs after the block of rows [p0, p0 + nr).
-template <class Body, class BlockEnd = NoBlockEnd>
-void for_each_tile(const MergeProblem& mp, const PackedV& pv, int64_t b, int64_t e, Body&& body,
+template <class bits_t, class Body, class BlockEnd = NoBlockEnd>
+void for_each_tile(const MergeParams<bits_t>& prm, const PackedV& pv, int64_t b, int64_t e, Body&& body,
                    BlockEnd&& block_end = BlockEnd()) {
-  const float* U = mp.U.const_data_ptr<float>();
-  const int64_t Q = mp.Q, r = mp.r;
+  const float* U = prm.U;
+  const int64_t Q = prm.Q, r = prm.r;
   alignas(64) float acc[kRB][kTile];
   for (int64_t p0 = b; p0 < e; p0 += kRB) {
     const int64_t nr = std::min<int64_t>(kRB, e - p0);
@@ -141,9 +105,9 @@ void for_each_tile(const MergeProblem& mp, const PackedV& pv, int64_t b, int64_t
   }
 }
 
-int64_t row_grain(const MergeProblem& mp) {
+int64_t row_grain(int64_t Q) {
   // Enough rows per task to amortise a task (~64k elements), in whole register blocks.
-  const int64_t rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(mp.Q, 1));
+  const int64_t rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(Q, 1));
   return (rows + kRB - 1) / kRB * kRB;
 }
 
@@ -172,15 +136,14 @@ struct Part : Entries<S> {
 
 // Returns the flat index of the first element whose merged value would not be finite, or -1.
 template <class S>
-int64_t first_nonfinite(const MergeProblem& mp) {
+int64_t first_nonfinite(const MergeParams<typename S::bits_t>& prm, const PackedV& pv) {
   using bits_t = typename S::bits_t;
-  const auto* W = reinterpret_cast<const bits_t*>(mp.S.const_data_ptr());
-  const int64_t Q = mp.Q;
-  const float s = mp.s;
-  const PackedV pv = pack_v(mp);
-  std::vector<int64_t> first_of_row(mp.P, -1);
-  at::parallel_for(0, mp.P, row_grain(mp), [&](int64_t b, int64_t e) {
-    for_each_tile(mp, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
+  const bits_t* W = prm.W;
+  const int64_t Q = prm.Q;
+  const float s = prm.s;
+  std::vector<int64_t> first_of_row(prm.P, -1);
+  at::parallel_for(0, prm.P, row_grain(Q), [&](int64_t b, int64_t e) {
+    for_each_tile(prm, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
       if (first_of_row[p] >= 0) return;
       const bits_t* w = W + p * Q + q0;
       for (int64_t j = 0; j < n; ++j) {
@@ -193,7 +156,7 @@ int64_t first_nonfinite(const MergeProblem& mp) {
       }
     });
   });
-  for (int64_t p = 0; p < mp.P; ++p)
+  for (int64_t p = 0; p < prm.P; ++p)
     if (first_of_row[p] >= 0) return first_of_row[p];
   return -1;
 }
@@ -202,31 +165,26 @@ template <class S>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const MergeProblem& mp) {
   using bits_t = typename S::bits_t;
   using key_t = typename S::key_t;
-  auto* W = reinterpret_cast<bits_t*>(mp.S.data_ptr());
-  const int64_t Q = mp.Q, nb = mp.chunks_per_row();
-  const float s = mp.s;
+  const MergeParams<bits_t> prm = mp.params.as<bits_t>();
+  bits_t* W = prm.W;
+  const int64_t Q = prm.Q, nb = prm.nb;
+  const float s = prm.s;
+  const PackedV pv = pack_v(mp);
   if (!bound_allows_merge(mp)) {
-    const int64_t bad = first_nonfinite<S>(mp);
-    if (bad >= 0) {
-      const int64_t p = bad / Q, q = bad % Q;
-      float acc = 0.f;
-      for (int64_t k = 0; k < mp.r; ++k)
-        acc = mm::fma_rn(mp.U.const_data_ptr<float>()[p * mp.r + k], mp.V.const_data_ptr<float>()[k * Q + q], acc);
-      fail_nonfinite("merge_", mp, p, q, S::to_f(W[bad]), acc);
-    }
+    const int64_t bad = first_nonfinite<S>(prm, pv);
+    if (bad >= 0) fail_nonfinite("merge_", mp, bad);
   }
 
-  const PackedV pv = pack_v(mp);
   std::vector<Part<S>> parts;
   std::mutex parts_mutex;
-  at::parallel_for(0, mp.P, row_grain(mp), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, prm.P, row_grain(Q), [&](int64_t b, int64_t e) {
     Part<S> part;
     part.row_begin = b;
     part.counts.assign((e - b) * nb, 0);
     alignas(64) bits_t ybuf[kTile];
     alignas(64) uint8_t flag[kTile];
     Entries<S> row_entries[kRB];  // a block's rows interleave by tile: stage per row, flush in row order
-    for_each_tile(mp, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
+    for_each_tile(prm, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
       bits_t* w = W + p * Q + q0;
       uint8_t any = 0;
       for (int64_t j = 0; j < n; ++j) {
@@ -273,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const Merg
     E += static_cast<int64_t>(pt.esc_index.size());
   }
   const auto opt = mp.S.options();
-  auto counts = at::empty({mp.P * nb}, opt.dtype(at::kShort));
+  auto counts = at::empty({mp.num_chunks()}, opt.dtype(at::kShort));
   auto entries = at::empty({M}, opt.dtype(at::kShort));
   auto esc_index = at::empty({E}, opt.dtype(at::kLong));
   auto esc_value = at::empty({E}, opt);
@@ -296,7 +254,7 @@ std::vector<int64_t> check_record_cpu(const MergeProblem& mp, const at::Tensor& 
                                       const at::Tensor& esc_index) {
   const int16_t* cnt = counts.const_data_ptr<int16_t>();
   const int16_t* ent = entries.const_data_ptr<int16_t>();
-  const int64_t chunks = counts.numel(), nb = mp.chunks_per_row();
+  const int64_t chunks = counts.numel(), nb = mp.params.nb, Q = mp.params.Q;
   std::vector<int64_t> start(chunks + 1, 0);
   int64_t cmin = 0;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -310,7 +268,7 @@ std::vector<int64_t> check_record_cpu(const MergeProblem& mp, const at::Tensor& 
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t e = start[c]; e < start[c + 1]; ++e)
       cmax = std::max<int64_t>(cmax, (c % nb) * mm::kChunk + ((static_cast<uint16_t>(ent[e]) >> 4) & 0xFFF));
-  TORCH_CHECK_VALUE(cmax < mp.Q, "unmerge_: entries point at column ", cmax, ", columns must be < Q=", mp.Q);
+  TORCH_CHECK_VALUE(cmax < Q, "unmerge_: entries point at column ", cmax, ", columns must be < Q=", Q);
   if (esc_index.numel() > 0) {
     const int64_t* ei = esc_index.const_data_ptr<int64_t>();
     const auto [lo, hi] = std::minmax_element(ei, ei + esc_index.numel());
@@ -326,13 +284,14 @@ template <class S>
 void unmerge_impl(const MergeProblem& mp, const std::vector<int64_t>& start, const at::Tensor& entries,
                   const at::Tensor& esc_index, const at::Tensor& esc_value) {
   using bits_t = typename S::bits_t;
-  auto* W = reinterpret_cast<bits_t*>(mp.S.data_ptr());
+  const MergeParams<bits_t> prm = mp.params.as<bits_t>();
+  bits_t* W = prm.W;
   const int16_t* ent = entries.const_data_ptr<int16_t>();
-  const int64_t Q = mp.Q, nb = mp.chunks_per_row();
-  const float s = mp.s;
+  const int64_t Q = prm.Q, nb = prm.nb;
+  const float s = prm.s;
   const PackedV pv = pack_v(mp);
-  at::parallel_for(0, mp.P, row_grain(mp), [&](int64_t b, int64_t e) {
-    for_each_tile(mp, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
+  at::parallel_for(0, prm.P, row_grain(Q), [&](int64_t b, int64_t e) {
+    for_each_tile(prm, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
       bits_t* w = W + p * Q + q0;
       for (int64_t j = 0; j < n; ++j) w[j] = mm::unmerged<S>(w[j], s, acc[j]);
     }, [&](int64_t p0, int64_t nr) {
@@ -352,36 +311,13 @@ void unmerge_impl(const MergeProblem& mp, const std::vector<int64_t>& start, con
   for (int64_t k = 0; k < esc_index.numel(); ++k) W[ei[k]] = ev[k];
 }
 
-template <template <class> class F, class... Args>
-auto dispatch_storage(at::ScalarType t, Args&&... args) {
-  switch (t) {
-    case at::kFloat: return F<mm::F32>::run(std::forward<Args>(args)...);
-    case at::kHalf: return F<mm::F16>::run(std::forward<Args>(args)...);
-    default: return F<mm::BF16>::run(std::forward<Args>(args)...);
-  }
-}
-
-template <class S>
-struct MergeOp {
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run(const MergeProblem& mp) {
-    return merge_impl<S>(mp);
-  }
-};
-template <class S>
-struct UnmergeOp {
-  static int run(const MergeProblem& mp, const std::vector<int64_t>& start, const at::Tensor& entries,
-                 const at::Tensor& esc_index, const at::Tensor& esc_value) {
-    unmerge_impl<S>(mp, start, entries, esc_index, esc_value);
-    return 0;
-  }
-};
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu(at::Tensor& weight,
                                                                                 const at::Tensor& lora_A,
                                                                                 const at::Tensor& lora_B, double scale,
                                                                                 bool fan_in_fan_out) {
   const MergeProblem mp = prepare_merge("merge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
-  return dispatch_storage<MergeOp>(mp.S.scalar_type(), mp);
+  return dispatch_storage("merge_", mp.S.scalar_type(),
+                          [&](auto tag) { return merge_impl<typename decltype(tag)::type>(mp); });
 }
 
 void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
@@ -390,7 +326,9 @@ void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor&
   const MergeProblem mp = prepare_merge("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
   check_record_layout("unmerge_", mp, counts, entries, esc_index, esc_value);
   const std::vector<int64_t> start = check_record_cpu(mp, counts, entries, esc_index);
-  dispatch_storage<UnmergeOp>(mp.S.scalar_type(), mp, start, entries, esc_index, esc_value);
+  dispatch_storage("unmerge_", mp.S.scalar_type(), [&](auto tag) {
+    unmerge_impl<typename decltype(tag)::type>(mp, start, entries, esc_index, esc_value);
+  });
 }
 
 }  // namespace

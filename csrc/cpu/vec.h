@@ -1,21 +1,50 @@
 // fp32 vectors for the CPU kernels: load float32 / float16 / bfloat16 as fp32 lanes, fma, horizontal
-// sum, and store back with one round-to-nearest-even (torch's conversion, NaN kept NaN).
+// sum, and store back with one round-to-nearest-even (torch's conversion, NaN kept NaN); and Block,
+// a register block of fp32 lanes for kernels that keep their accumulators in registers.
 // AVX-512 (16 lanes) or AVX2+FMA+F16C (8 lanes) by intrinsics; otherwise 8 lanes of plain C++ that
 // the compiler vectorises as it can. One API, so the kernels are written once.
+//
+// This is the only ISA-specific file: the ISA is chosen here, from the compiler's target macros
+// (__AVX512F__, __AVX2__, __FMA__, __F16C__), and the kernels see it only through this API and
+// vec::kIsa (for their blocking tables). Everything lives in an inline namespace named after the ISA,
+// so one kernel file compiled several times with different target flags (one object per ISA, chosen
+// at run time, as ATen's CPU kernels are) links without two definitions of the same function.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+
+// The choice, made once; the rest of this file keys on PYLORA_VEC (undefined again at the end).
+#define PYLORA_VEC_PLAIN 0
+#define PYLORA_VEC_AVX2 1
+#define PYLORA_VEC_AVX512 2
+#if defined(__AVX512F__)
+#define PYLORA_VEC PYLORA_VEC_AVX512
+#define PYLORA_VEC_NS avx512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PYLORA_VEC PYLORA_VEC_AVX2
+#define PYLORA_VEC_NS avx2
+#else
+#define PYLORA_VEC PYLORA_VEC_PLAIN
+#define PYLORA_VEC_NS plain
+#endif
+
+#if PYLORA_VEC != PYLORA_VEC_PLAIN
 #include <immintrin.h>
 #endif
 
 namespace pylora {
 namespace vec {
 
-#if defined(__AVX512F__)
+enum class Isa { kAvx512, kAvx2, kPlain };
+
+inline namespace PYLORA_VEC_NS {
+
+#if PYLORA_VEC == PYLORA_VEC_AVX512
+
+constexpr Isa kIsa = Isa::kAvx512;
 
 // GCC 12 reports its own AVX-512 intrinsics (their _mm512_undefined_* pass-through operands) as
 // uninitialised once inlined (GCC bug 105593); the pragma state of these wrappers is what it consults.
@@ -50,8 +79,9 @@ inline void store(c10::BFloat16* p, V v) {
 
 #pragma GCC diagnostic pop
 
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#elif PYLORA_VEC == PYLORA_VEC_AVX2
 
+constexpr Isa kIsa = Isa::kAvx2;
 constexpr int W = 8;
 using V = __m256;
 inline V zero() { return _mm256_setzero_ps(); }
@@ -85,6 +115,7 @@ inline void store(c10::BFloat16* p, V v) {
 
 #else
 
+constexpr Isa kIsa = Isa::kPlain;
 constexpr int W = 8;
 struct V {
   float f[W];
@@ -118,6 +149,52 @@ inline void store(T* p, V v) {
 
 #endif
 
+// Block: kBlock fp32 lanes that live in registers as one value (two vectors with AVX-512 or AVX2,
+// 8 scalars otherwise), the unit of register-blocked kernels: a [rows x kBlock] tile of accumulators
+// stays in registers for a whole reduction. fma_rn rounds once per lane on every ISA (the vector fma
+// instructions; __builtin_fmaf in plain C++), so a kernel written with Blocks gives the same bits
+// whatever ISA this file chose.
+#if PYLORA_VEC != PYLORA_VEC_PLAIN
+
+constexpr int kBlock = 2 * W;
+struct Block {
+  V v[2];
+};
+inline Block zero_block() { return Block{{zero(), zero()}}; }
+inline Block load_block(const float* p) { return Block{{load(p), load(p + W)}}; }
+inline void store(float* p, const Block& b) {
+  store(p, b.v[0]);
+  store(p + W, b.v[1]);
+}
+// c + a * b lane by lane (a broadcast), one rounding: fma is the fused instruction on these ISAs.
+inline Block fma_rn(float a, const Block& b, const Block& c) {
+  const V av = set1(a);
+  return Block{{fma(av, b.v[0], c.v[0]), fma(av, b.v[1], c.v[1])}};
+}
+
+#else
+
+constexpr int kBlock = 8;
+struct Block {
+  float f[kBlock];
+};
+inline Block zero_block() { return Block{}; }
+inline Block load_block(const float* p) {
+  Block b;
+  for (int i = 0; i < kBlock; ++i) b.f[i] = p[i];
+  return b;
+}
+inline void store(float* p, const Block& b) {
+  for (int i = 0; i < kBlock; ++i) p[i] = b.f[i];
+}
+// c + a * b lane by lane, one rounding (unlike vec::fma above, which multiplies then adds here).
+inline Block fma_rn(float a, const Block& b, Block c) {
+  for (int i = 0; i < kBlock; ++i) c.f[i] = __builtin_fmaf(a, b.f[i], c.f[i]);
+  return c;
+}
+
+#endif
+
 // Scalar conversions for the tails (the same roundings as the vector stores).
 template <class T>
 inline float to_f(T v) {
@@ -128,5 +205,12 @@ inline T from_f(float f) {
   return static_cast<T>(f);
 }
 
+}  // namespace PYLORA_VEC_NS
 }  // namespace vec
 }  // namespace pylora
+
+#undef PYLORA_VEC
+#undef PYLORA_VEC_NS
+#undef PYLORA_VEC_PLAIN
+#undef PYLORA_VEC_AVX2
+#undef PYLORA_VEC_AVX512

@@ -36,7 +36,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../common/lora_apply_args.h"
+#include "../common/dtypes.h"
+#include "../common/lora_apply_params.h"
+#include "../common/lora_apply_problem.h"
 
 namespace pylora {
 namespace {
@@ -47,14 +49,9 @@ constexpr int kTT = 8;     // tokens per prefill tile
 constexpr int kRW = 4;     // rows per warp in the shrink
 constexpr int kHs = 4096;  // shared fp32 h: kHs / tokens-per-tile rows per pass
 
+// The call's parameters (common/lora_apply_params.h) and the launch's column split.
 template <class T>
-struct Params {
-  T* y;
-  const T *x, *A, *B;
-  const int32_t *row_ptr, *row_idx, *seg_ptr, *seg_slot;
-  const float* scales;
-  int64_t T_, I, O, P, N, S, nnz;
-  int64_t ldy, ldx, lda, ldb;
+struct Params : LoraApplyParams<T> {
   int64_t cols_per_y;  // output columns per blockIdx.y, a multiple of 32 * VB
 };
 
@@ -123,10 +120,10 @@ __device__ bool find_tile(const Params<T>& p, Tile& tile) {
   if (b < p.S) {
     g = b;
     lo = 0;
-    hi = p.T_;
+    hi = p.T;
   } else {
     lo = (b - p.S) * kTT;
-    hi = min(lo + kTT, p.T_);
+    hi = min(lo + kTT, p.T);
     if (lo >= hi) return false;
     // The last segment whose start is <= lo (with a valid plan, the one holding token lo).
     int64_t a = 0, z = p.S;
@@ -137,8 +134,8 @@ __device__ bool find_tile(const Params<T>& p, Tile& tile) {
     if (a >= p.S) return false;
     g = a;
   }
-  const int64_t start = clamp64(__ldg(p.seg_ptr + g), 0, p.T_);
-  const int64_t end = clamp64(__ldg(p.seg_ptr + g + 1), 0, p.T_);
+  const int64_t start = clamp64(__ldg(p.seg_ptr + g), 0, p.T);
+  const int64_t end = clamp64(__ldg(p.seg_ptr + g + 1), 0, p.T);
   int64_t t0, t1;
   if (b < p.S) {
     t0 = start;
@@ -310,17 +307,17 @@ void launch(const Params<T>& prm, dim3 grid, cudaStream_t stream) {
 }
 
 template <class T>
-void lora_apply_impl(const LoraApplyArgs& a) {
+void lora_apply_impl(const LoraApplyParams<T>& a, int device) {
   if (a.T == 0 || a.O == 0 || a.S == 0) return;
   // Shrink: 16-byte loads of x and A. Expand: 4 columns per thread (16 or 8 bytes), which keeps the
   // kTT x 4 accumulators of a prefill tile in registers. Vector accesses need aligned rows: base
   // pointers, row strides and (for x and A, read to the end of the row) I a multiple of the width;
   // rows of y and B end in a guarded scalar tail.
   constexpr int VA = 16 / sizeof(T), VB = 4;
-  const bool va = aligned(a.x.const_data_ptr(), VA * sizeof(T)) && aligned(a.A.const_data_ptr(), VA * sizeof(T)) &&
-                  a.I % VA == 0 && (a.ldx % VA == 0 || a.T == 1) && a.lda % VA == 0;
-  const bool vb = aligned(a.y.const_data_ptr(), VB * sizeof(T)) && aligned(a.B.const_data_ptr(), VB * sizeof(T)) &&
-                  (a.ldy % VB == 0 || a.T == 1) && a.ldb % VB == 0;
+  const bool va = aligned(a.x, VA * sizeof(T)) && aligned(a.A, VA * sizeof(T)) && a.I % VA == 0 &&
+                  (a.ldx % VA == 0 || a.T == 1) && a.lda % VA == 0;
+  const bool vb = aligned(a.y, VB * sizeof(T)) && aligned(a.B, VB * sizeof(T)) && (a.ldy % VB == 0 || a.T == 1) &&
+                  a.ldb % VB == 0;
   const int64_t vbw = vb ? VB : 1;
 
   const int64_t blocks_x = a.S + (a.T + kTT - 1) / kTT;
@@ -329,21 +326,12 @@ void lora_apply_impl(const LoraApplyArgs& a) {
   const int64_t tiles = std::min(a.S, a.T) + a.T / kTT;
   const int64_t warp_cols = 32 * vbw;
   const int64_t max_ny = std::min<int64_t>(65535, (a.O + warp_cols - 1) / warp_cols);
-  const int64_t want = (2 * sm_count(a.y.get_device()) + std::max<int64_t>(tiles, 1) - 1) / std::max<int64_t>(tiles, 1);
+  const int64_t want = (2 * sm_count(device) + std::max<int64_t>(tiles, 1) - 1) / std::max<int64_t>(tiles, 1);
   const int64_t ny = std::clamp<int64_t>(want, 1, max_ny);
   const int64_t cols = ((a.O + ny - 1) / ny + warp_cols - 1) / warp_cols * warp_cols;
   TORCH_CHECK_VALUE(blocks_x <= 0x7FFFFFFF, "lora_apply_: S + T/", kTT, "=", blocks_x, " is too large for the CUDA grid");
 
-  Params<T> prm{static_cast<T*>(a.y.data_ptr()),
-                static_cast<const T*>(a.x.const_data_ptr()),
-                static_cast<const T*>(a.A.const_data_ptr()),
-                static_cast<const T*>(a.B.const_data_ptr()),
-                a.row_ptr.const_data_ptr<int32_t>(),
-                a.row_idx.const_data_ptr<int32_t>(),
-                a.seg_ptr.const_data_ptr<int32_t>(),
-                a.seg_slot.const_data_ptr<int32_t>(),
-                a.scales.const_data_ptr<float>(),
-                a.T, a.I, a.O, a.P, a.N, a.S, a.nnz, a.ldy, a.ldx, a.lda, a.ldb, cols};
+  const Params<T> prm{a, cols};
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>((a.O + cols - 1) / cols));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (va && vb) {
@@ -361,12 +349,12 @@ void lora_apply_cuda(at::Tensor& y, const at::Tensor& x, const at::Tensor& A_row
                      const at::Tensor& row_ptr, const at::Tensor& row_idx, const at::Tensor& scales,
                      const at::Tensor& seg_ptr, const at::Tensor& seg_slot) {
   const c10::cuda::CUDAGuard guard(y.device());
-  LoraApplyArgs a = prepare_lora_apply("lora_apply_", y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot);
-  switch (a.y.scalar_type()) {
-    case at::kFloat: lora_apply_impl<float>(a); break;
-    case at::kHalf: lora_apply_impl<c10::Half>(a); break;
-    default: lora_apply_impl<c10::BFloat16>(a); break;
-  }
+  const char* op = "lora_apply_";
+  LoraApplyProblem a = prepare_lora_apply(op, y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot);
+  dispatch_dtype<DtypeSet::kF32F16BF16>(op, "y", a.y.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    lora_apply_impl<T>(a.params.as<T>(), a.y.get_device());
+  });
   finish_lora_apply(a);
 }
 

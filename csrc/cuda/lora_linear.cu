@@ -1,4 +1,4 @@
-// lora_linear_cuda / lora_linear_backward_cuda: the ATen (cuBLAS) GEMMs of common/lora_linear_args.cpp
+// lora_linear_cuda / lora_linear_backward_cuda: the ATen (cuBLAS) GEMMs of common/lora_linear_gemms.cpp
 // plus three kernels for the dropout-masked pieces, each a shared-memory tiled product whose tile
 // loader hashes the keep bit of every x element it reads (common/dropout_hash.h), so neither a mask
 // nor a dropped copy of x ever reaches global memory:
@@ -21,7 +21,10 @@
 #include <tuple>
 
 #include "../common/dropout_hash.h"
-#include "../common/lora_linear_args.h"
+#include "../common/dtypes.h"
+#include "../common/lora_linear_gemms.h"
+#include "../common/lora_linear_params.h"
+#include "../common/lora_linear_problem.h"
 
 namespace pylora {
 namespace {
@@ -57,9 +60,10 @@ constexpr int kShT = 64, kShR = 32, kShK = 32, kShRpt = kShT / (kThreads / kShR)
 
 template <class scalar_t, class acc_t>
 __global__ void __launch_bounds__(kThreads)
-    masked_shrink_kernel(const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1, const acc_t* __restrict__ A,
-                         acc_t* __restrict__ part, int64_t T, int64_t I, int64_t r, int64_t split_len,
-                         dropout::Key key, acc_t inv) {
+    masked_shrink_kernel(const LoraLinearParams pb, const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1,
+                         const acc_t* __restrict__ A, acc_t* __restrict__ part, int64_t split_len, dropout::Key key,
+                         acc_t inv) {
+  const int64_t T = pb.T, I = pb.I, r = pb.r;
   __shared__ acc_t xs[kShK][kShT + 1];  // transposed tile: xs[kk][tt] = drop(x)[t0 + tt, ib + kk]
   __shared__ acc_t as[kShK][kShR + 1];  // as[kk][rr] = A[k0 + rr, ib + kk]
   const int tid = threadIdx.x, lane_k = tid % kShR, grp = tid / kShR;
@@ -105,8 +109,9 @@ constexpr int kAcT = 32, kAcI = 64, kAcK = 32, kAcRpt = kAcT / (kThreads / kAcI)
 
 template <class scalar_t, class acc_t>
 __global__ void __launch_bounds__(kThreads)
-    masked_accumulate_kernel(scalar_t* __restrict__ gx, const acc_t* __restrict__ U, const acc_t* __restrict__ A,
-                             int64_t T, int64_t I, int64_t r, dropout::Key key, acc_t inv) {
+    masked_accumulate_kernel(const LoraLinearParams pb, scalar_t* __restrict__ gx, const acc_t* __restrict__ U,
+                             const acc_t* __restrict__ A, dropout::Key key, acc_t inv) {
+  const int64_t T = pb.T, I = pb.I, r = pb.r;
   __shared__ acc_t us[kAcT][kAcK + 1];  // us[tt][kk] = u[t0 + tt, kb + kk]
   __shared__ acc_t as[kAcK][kAcI];      // as[kk][cc] = A[kb + kk, i0 + cc]
   const int tid = threadIdx.x, c = tid % kAcI, grp = tid / kAcI;
@@ -150,9 +155,10 @@ constexpr int kGaI = 64, kGaR = 32, kGaK = 32, kGaRpt = kGaR / (kThreads / kGaI)
 
 template <class scalar_t, class acc_t>
 __global__ void __launch_bounds__(kThreads)
-    masked_grad_A_kernel(const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1, const acc_t* __restrict__ U,
-                         acc_t* __restrict__ part, int64_t T, int64_t I, int64_t r, int64_t split_len,
-                         dropout::Key key, acc_t inv) {
+    masked_grad_A_kernel(const LoraLinearParams pb, const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1,
+                         const acc_t* __restrict__ U, acc_t* __restrict__ part, int64_t split_len, dropout::Key key,
+                         acc_t inv) {
+  const int64_t T = pb.T, I = pb.I, r = pb.r;
   __shared__ acc_t xs[kGaK][kGaI];      // xs[tt][cc] = drop(x)[tb + tt, i0 + cc]
   __shared__ acc_t us[kGaK][kGaR + 1];  // us[tt][rr] = u[tb + tt, k0 + rr]
   const int tid = threadIdx.x, c = tid % kGaI, grp = tid / kGaI;
@@ -212,7 +218,7 @@ void check_grid(const char* op, const char* what, int64_t value, int64_t blocks)
 }
 
 template <class scalar_t>
-void masked_shrink_impl(const LinearProblem& pb, const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& h) {
+void masked_shrink_impl(const LoraLinearParams& pb, const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& h) {
   using acc_t = typename AccOf<scalar_t>::type;
   const auto acc_opt = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor A = lora_A.to(acc_opt).contiguous();  // [r, I], small
@@ -222,14 +228,14 @@ void masked_shrink_impl(const LinearProblem& pb, const at::Tensor& x, const at::
   at::Tensor part = at::empty({splits, pb.T, pb.r}, acc_opt);
   const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by), static_cast<unsigned>(splits));
   masked_shrink_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), A.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(), pb.T,
-      pb.I, pb.r, split_len, pb.key(), static_cast<acc_t>(pb.inv_keep()));
+      pb, x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), A.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(),
+      split_len, pb.key(), static_cast<acc_t>(pb.inv_keep()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   h.copy_(splits == 1 ? part.select(0, 0) : part.sum(0));
 }
 
 template <class scalar_t>
-void masked_backward_impl(const LinearProblem& pb, const at::Tensor& x, const at::Tensor& u,
+void masked_backward_impl(const LoraLinearParams& pb, const at::Tensor& x, const at::Tensor& u,
                           const at::Tensor& lora_A, at::Tensor& grad_x, at::Tensor& grad_A) {
   using acc_t = typename AccOf<scalar_t>::type;
   const char* op = "lora_linear_backward";
@@ -244,7 +250,7 @@ void masked_backward_impl(const LinearProblem& pb, const at::Tensor& x, const at
     check_grid(op, "x.size(1) (I)", pb.I, by);
     const dim3 grid(static_cast<unsigned>(ceil_div(pb.T, kAcT)), static_cast<unsigned>(by));
     masked_accumulate_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        grad_x.data_ptr<scalar_t>(), U.const_data_ptr<acc_t>(), A.const_data_ptr<acc_t>(), pb.T, pb.I, pb.r, key, inv);
+        pb, grad_x.data_ptr<scalar_t>(), U.const_data_ptr<acc_t>(), A.const_data_ptr<acc_t>(), key, inv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (grad_A.defined()) {
@@ -254,22 +260,24 @@ void masked_backward_impl(const LinearProblem& pb, const at::Tensor& x, const at
     at::Tensor part = at::empty({splits, pb.r, pb.I}, acc_opt);
     const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by), static_cast<unsigned>(splits));
     masked_grad_A_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), U.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(),
-        pb.T, pb.I, pb.r, split_len, key, inv);
+        pb, x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), U.const_data_ptr<acc_t>(), part.data_ptr<acc_t>(),
+        split_len, key, inv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_A.copy_(splits == 1 ? part.select(0, 0) : part.sum(0));
   }
 }
 
-void masked_shrink_cuda(const LinearProblem& pb, const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& h) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear",
-                                  [&] { masked_shrink_impl<scalar_t>(pb, x, lora_A, h); });
+void masked_shrink_cuda(const LoraLinearParams& pb, const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& h) {
+  dispatch_dtype<DtypeSet::kF32F16BF16F64>("lora_linear", "x", x.scalar_type(), [&](auto tag) {
+    masked_shrink_impl<typename decltype(tag)::type>(pb, x, lora_A, h);
+  });
 }
 
-void masked_backward_cuda(const LinearProblem& pb, const at::Tensor& x, const at::Tensor& u,
+void masked_backward_cuda(const LoraLinearParams& pb, const at::Tensor& x, const at::Tensor& u,
                           const at::Tensor& lora_A, at::Tensor& grad_x, at::Tensor& grad_A) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_backward",
-                                  [&] { masked_backward_impl<scalar_t>(pb, x, u, lora_A, grad_x, grad_A); });
+  dispatch_dtype<DtypeSet::kF32F16BF16F64>("lora_linear_backward", "x", x.scalar_type(), [&](auto tag) {
+    masked_backward_impl<typename decltype(tag)::type>(pb, x, u, lora_A, grad_x, grad_A);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -277,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
                                                     const at::Tensor& lora_B, double scale, double dropout_p,
                                                     int64_t seed, bool fan_in_fan_out) {
   // Validate first: a tensor on another device must get the named error, not a guard failure.
-  const LinearProblem pb =
+  const LoraLinearParams pb =
       check_lora_linear("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out);
   const c10::cuda::CUDAGuard guard(x.device());
   return lora_linear_forward(pb, x, weight, bias, lora_A, lora_B, &masked_shrink_cuda);
@@ -288,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& lora_B, const at::Tensor& h, double scale, double dropout_p, int64_t seed, bool fan_in_fan_out,
     std::array<bool, 5> output_mask) {
   const char* op = "lora_linear_backward";
-  const LinearProblem pb =
+  const LoraLinearParams pb =
       check_lora_linear(op, x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out);
   check_lora_linear_grads(op, pb, x, grad_y, h);
   const c10::cuda::CUDAGuard guard(x.device());

@@ -18,8 +18,10 @@
 #include <limits>
 #include <tuple>
 
-#include "../common/merge_args.h"
 #include "../common/merge_math.h"
+#include "../common/merge_params.h"
+#include "../common/merge_problem.h"
+#include "../common/merge_record.h"
 
 namespace pylora {
 namespace {
@@ -31,13 +33,10 @@ constexpr int kRows = 4;
 // a launch gets without opting in, with room for the scan's scratch.
 constexpr int64_t kMaxRank = 2048;
 
-struct Geometry {
-  int64_t P, Q, r, nb;
-  float s;
-};
-
 // Loads U[p0 .. p0+kRows-1, :] as u4[k] = (U[p0, k], U[p0+1, k], ...), zero for rows past P.
-__device__ __forceinline__ void load_u(float4* u4, const float* __restrict__ U, const Geometry& g, int64_t p0) {
+template <class bits_t>
+__device__ __forceinline__ void load_u(float4* u4, const MergeParams<bits_t>& g, int64_t p0) {
+  const float* __restrict__ U = g.U;
   for (int64_t k = threadIdx.x; k < g.r; k += blockDim.x) {
     float v[kRows];
 #pragma unroll
@@ -48,11 +47,12 @@ __device__ __forceinline__ void load_u(float4* u4, const float* __restrict__ U, 
 }
 
 // acc[i] = fma chain over k of U[p0 + i, k] * V[k, q] (k in order, one rounding per fma).
-__device__ __forceinline__ void lora_acc(const float4* __restrict__ u4, const float* __restrict__ V, const Geometry& g,
-                                         int64_t q, float (&acc)[kRows]) {
+template <class bits_t>
+__device__ __forceinline__ void lora_acc(const float4* __restrict__ u4, const MergeParams<bits_t>& g, int64_t q,
+                                         float (&acc)[kRows]) {
 #pragma unroll
   for (int i = 0; i < kRows; ++i) acc[i] = 0.f;
-  const float* v = V + q;
+  const float* v = g.V + q;
   for (int64_t k = 0; k < g.r; ++k, v += g.Q) {
     const float x = __ldg(v);
     const float4 u = u4[k];
@@ -90,21 +90,20 @@ __device__ __forceinline__ int block_sum(int v, int* scratch) {
 
 // Pass A: per chunk, how many entries and escapes; the first non-finite result.
 template <class S>
-__global__ void __launch_bounds__(kThreads) merge_count_kernel(const typename S::bits_t* __restrict__ W,
-                                                               const float* __restrict__ U,
-                                                               const float* __restrict__ V, Geometry g,
+__global__ void __launch_bounds__(kThreads) merge_count_kernel(const MergeParams<typename S::bits_t> g,
                                                                int16_t* __restrict__ counts,
                                                                int32_t* __restrict__ esc_counts,
                                                                unsigned long long* __restrict__ first_bad) {
   extern __shared__ float4 u4[];
   __shared__ int scratch[kWarps];
+  const typename S::bits_t* __restrict__ W = g.W;  // read only in this pass
   const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kRows, cb = blockIdx.y;
-  load_u(u4, U, g, p0);
+  load_u(u4, g, p0);
   const int64_t q_begin = cb * mm::kChunk, q_end = min(g.Q, q_begin + mm::kChunk);
   int n_small[kRows] = {}, n_esc[kRows] = {};
   for (int64_t q = q_begin + threadIdx.x; q < q_end; q += kThreads) {
     float acc[kRows];
-    lora_acc(u4, V, g, q, acc);
+    lora_acc(u4, g, q, acc);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int64_t p = p0 + i;
@@ -133,14 +132,15 @@ __global__ void __launch_bounds__(kThreads) merge_count_kernel(const typename S:
 // Pass B: writes the merged weight and the record at the offsets pass A's counts gave.
 template <class S>
 __global__ void __launch_bounds__(kThreads) merge_write_kernel(
-    typename S::bits_t* __restrict__ W, const float* __restrict__ U, const float* __restrict__ V, Geometry g,
-    const int64_t* __restrict__ small_start, const int64_t* __restrict__ esc_start, int16_t* __restrict__ entries,
-    int64_t* __restrict__ esc_index, typename S::bits_t* __restrict__ esc_value) {
+    const MergeParams<typename S::bits_t> g, const int64_t* __restrict__ small_start,
+    const int64_t* __restrict__ esc_start, int16_t* __restrict__ entries, int64_t* __restrict__ esc_index,
+    typename S::bits_t* __restrict__ esc_value) {
   extern __shared__ float4 u4[];
   // warp totals of the 2 * kRows flags of one column step
   __shared__ int warp_tot[2 * kRows][kWarps];
+  typename S::bits_t* __restrict__ W = g.W;
   const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kRows, cb = blockIdx.y;
-  load_u(u4, U, g, p0);
+  load_u(u4, g, p0);
   const int64_t q_begin = cb * mm::kChunk, q_end = min(g.Q, q_begin + mm::kChunk);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const unsigned lanes_below = (1u << lane) - 1u;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) merge_write_kernel(
     typename S::bits_t w[kRows] = {};
     if (q < q_end) {
       float acc[kRows];
-      lora_acc(u4, V, g, q, acc);
+      lora_acc(u4, g, q, acc);
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
         const int64_t p = p0 + i;
@@ -202,16 +202,15 @@ __global__ void __launch_bounds__(kThreads) merge_write_kernel(
 }
 
 template <class S>
-__global__ void __launch_bounds__(kThreads) unmerge_kernel(typename S::bits_t* __restrict__ W,
-                                                           const float* __restrict__ U,
-                                                           const float* __restrict__ V, Geometry g) {
+__global__ void __launch_bounds__(kThreads) unmerge_kernel(const MergeParams<typename S::bits_t> g) {
   extern __shared__ float4 u4[];
+  typename S::bits_t* __restrict__ W = g.W;
   const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kRows, cb = blockIdx.y;
-  load_u(u4, U, g, p0);
+  load_u(u4, g, p0);
   const int64_t q_begin = cb * mm::kChunk, q_end = min(g.Q, q_begin + mm::kChunk);
   for (int64_t q = q_begin + threadIdx.x; q < q_end; q += kThreads) {
     float acc[kRows];
-    lora_acc(u4, V, g, q, acc);
+    lora_acc(u4, g, q, acc);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const int64_t p = p0 + i;
@@ -221,20 +220,20 @@ __global__ void __launch_bounds__(kThreads) unmerge_kernel(typename S::bits_t* _
   }
 }
 
-Geometry geometry(const char* op, const MergeProblem& mp) {
-  TORCH_CHECK_VALUE(mp.r <= kMaxRank, op, ": lora_A.size(0)=", mp.r, " (r) exceeds the CUDA kernel's limit ", kMaxRank);
-  const int64_t groups = (mp.P + kRows - 1) / kRows;
-  TORCH_CHECK_VALUE(groups <= std::numeric_limits<int32_t>::max() && mp.chunks_per_row() <= 65535, op,
+// The launch grid: one block per kRows storage rows and record chunk; the CUDA kernels' limits checked.
+dim3 launch_grid(const char* op, const MergeParams<void>& g) {
+  TORCH_CHECK_VALUE(g.r <= kMaxRank, op, ": lora_A.size(0)=", g.r, " (r) exceeds the CUDA kernel's limit ", kMaxRank);
+  const int64_t groups = (g.P + kRows - 1) / kRows;
+  TORCH_CHECK_VALUE(groups <= std::numeric_limits<int32_t>::max() && g.nb <= 65535, op,
                     ": weight.shape is too large for the CUDA launch grid");
-  return Geometry{mp.P, mp.Q, mp.r, mp.chunks_per_row(), mp.s};
+  return dim3(static_cast<unsigned>(groups), static_cast<unsigned>(g.nb));
 }
-
-dim3 grid_of(const Geometry& g) { return dim3(static_cast<unsigned>((g.P + kRows - 1) / kRows), static_cast<unsigned>(g.nb)); }
 
 template <class S>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const MergeProblem& mp) {
   using bits_t = typename S::bits_t;
-  const Geometry g = geometry("merge_", mp);
+  const dim3 grid = launch_grid("merge_", mp.params);
+  const MergeParams<bits_t> g = mp.params.as<bits_t>();
   const auto opt = mp.S.options();
   auto counts = at::zeros({mp.num_chunks()}, opt.dtype(at::kShort));
   auto esc_counts = at::zeros({mp.num_chunks()}, opt.dtype(at::kInt));
@@ -244,20 +243,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const Merg
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t shmem = static_cast<size_t>(g.r) * sizeof(float4);
-  const auto* U = mp.U.const_data_ptr<float>();
-  const auto* V = mp.V.const_data_ptr<float>();
-  merge_count_kernel<S><<<grid_of(g), kThreads, shmem, stream>>>(
-      reinterpret_cast<const bits_t*>(mp.S.const_data_ptr()), U, V, g, counts.data_ptr<int16_t>(),
-      esc_counts.data_ptr<int32_t>(), reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()));
+  merge_count_kernel<S><<<grid, kThreads, shmem, stream>>>(
+      g, counts.data_ptr<int16_t>(), esc_counts.data_ptr<int32_t>(),
+      reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int64_t bad = first_bad.item<int64_t>();
-  if (bad != -1) {
-    const int64_t p = bad / mp.Q, q = bad % mp.Q;
-    const double acc = (mp.U[p].to(at::kDouble) * mp.V.select(1, q).to(at::kDouble)).sum().item<double>();
-    const float w = mp.S.view({-1})[bad].item<float>();
-    fail_nonfinite("merge_", mp, p, q, w, static_cast<float>(acc));
-  }
+  if (bad != -1) fail_nonfinite("merge_", mp, bad);
   const auto small_incl = at::cumsum(counts, 0, at::kLong);
   const auto esc_incl = at::cumsum(esc_counts, 0, at::kLong);
   const int64_t M = small_incl[-1].item<int64_t>(), E = esc_incl[-1].item<int64_t>();
@@ -266,10 +258,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const Merg
   auto entries = at::empty({M}, opt.dtype(at::kShort));
   auto esc_index = at::empty({E}, opt.dtype(at::kLong));
   auto esc_value = at::empty({E}, opt);
-  merge_write_kernel<S><<<grid_of(g), kThreads, shmem, stream>>>(
-      reinterpret_cast<bits_t*>(mp.S.data_ptr()), U, V, g, small_start.const_data_ptr<int64_t>(),
-      esc_start.const_data_ptr<int64_t>(), entries.data_ptr<int16_t>(), esc_index.data_ptr<int64_t>(),
-      reinterpret_cast<bits_t*>(esc_value.data_ptr()));
+  merge_write_kernel<S><<<grid, kThreads, shmem, stream>>>(
+      g, small_start.const_data_ptr<int64_t>(), esc_start.const_data_ptr<int64_t>(), entries.data_ptr<int16_t>(),
+      esc_index.data_ptr<int64_t>(), reinterpret_cast<bits_t*>(esc_value.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {counts, entries, esc_index, esc_value};
 }
@@ -277,11 +268,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const Merg
 template <class S>
 void unmerge_impl(const MergeProblem& mp) {
   using bits_t = typename S::bits_t;
-  const Geometry g = geometry("unmerge_", mp);
+  const dim3 grid = launch_grid("unmerge_", mp.params);
   if (mp.S.numel() == 0) return;
+  const MergeParams<bits_t> g = mp.params.as<bits_t>();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  unmerge_kernel<S><<<grid_of(g), kThreads, static_cast<size_t>(g.r) * sizeof(float4), stream>>>(
-      reinterpret_cast<bits_t*>(mp.S.data_ptr()), mp.U.const_data_ptr<float>(), mp.V.const_data_ptr<float>(), g);
+  unmerge_kernel<S><<<grid, kThreads, static_cast<size_t>(g.r) * sizeof(float4), stream>>>(g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -291,11 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cuda(at::Tensor
                                                                                  double scale, bool fan_in_fan_out) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const MergeProblem mp = prepare_merge("merge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
-  switch (mp.S.scalar_type()) {
-    case at::kFloat: return merge_impl<mm::F32>(mp);
-    case at::kHalf: return merge_impl<mm::F16>(mp);
-    default: return merge_impl<mm::BF16>(mp);
-  }
+  return dispatch_storage("merge_", mp.S.scalar_type(),
+                          [&](auto tag) { return merge_impl<typename decltype(tag)::type>(mp); });
 }
 
 void unmerge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,
@@ -305,11 +293,8 @@ void unmerge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor
   const MergeProblem mp = prepare_merge("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
   check_record_layout("unmerge_", mp, counts, entries, esc_index, esc_value);
   const at::Tensor entry_index = check_record_contents("unmerge_", mp, counts, entries, esc_index);
-  switch (mp.S.scalar_type()) {
-    case at::kFloat: unmerge_impl<mm::F32>(mp); break;
-    case at::kHalf: unmerge_impl<mm::F16>(mp); break;
-    default: unmerge_impl<mm::BF16>(mp); break;
-  }
+  dispatch_storage("unmerge_", mp.S.scalar_type(),
+                   [&](auto tag) { unmerge_impl<typename decltype(tag)::type>(mp); });
   apply_record(mp, entry_index, entries, esc_index, esc_value);
 }
 

@@ -79,6 +79,11 @@ int main() {
   CHECK(F32::key(F32::from_f(1.0f)) + 1 == F32::key(F32::from_f(std::nextafter(1.0f, 2.0f))), "fp32 key step");
   CHECK(F32::unkey(F32::key(F32::from_f(-3.5f))) == F32::from_f(-3.5f), "fp32 unkey");
 
+  // A row of Q elements holds ceil(Q / kChunk) record chunks.
+  CHECK(chunks_per_row(0) == 0 && chunks_per_row(1) == 1 && chunks_per_row(kChunk) == 1 &&
+            chunks_per_row(kChunk + 1) == 2 && chunks_per_row(3 * kChunk) == 3,
+        "chunks_per_row");
+
   // pack_entry: column in the high 12 bits, signed delta in the low nibble.
   for (int col = 0; col < kChunk; col += 97) {
     for (int d = kMinDelta; d <= kMaxDelta; ++d) {

@@ -1,14 +1,12 @@
-#include "lora_apply_args.h"
+#include "lora_apply_problem.h"
 
 #include <ATen/MemoryOverlap.h>
 
-#include "names.h"
+#include "dtypes.h"
 
 namespace pylora {
 
 namespace {
-
-bool is_storage_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 // Rows with unit stride along the last dimension (a dimension of size <= 1 has no meaningful stride).
 bool unit_last_stride(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
@@ -34,11 +32,8 @@ bool within(const int32_t* p, int64_t n, int64_t lo, int64_t hi) {
 
 // The index contents, read on the host. The first violation is reported, in the order
 // row_ptr, row_idx, seg_ptr, seg_slot (pylora/reference.py checks in the same order).
-void check_contents(const char* op, const LoraApplyArgs& a) {
-  const int32_t* rp = a.row_ptr.const_data_ptr<int32_t>();
-  const int32_t* ri = a.row_idx.const_data_ptr<int32_t>();
-  const int32_t* sp = a.seg_ptr.const_data_ptr<int32_t>();
-  const int32_t* ss = a.seg_slot.const_data_ptr<int32_t>();
+void check_contents(const char* op, const LoraApplyParams<void>& a) {
+  const int32_t *rp = a.row_ptr, *ri = a.row_idx, *sp = a.seg_ptr, *ss = a.seg_slot;
   if (rp[0] == 0 && non_decreasing(rp, a.N + 1) && rp[a.N] == a.nnz && within(ri, a.nnz, 0, a.P) && sp[0] == 0 &&
       non_decreasing(sp, a.S + 1) && sp[a.S] == a.T && within(ss, a.S, -1, a.N))
     return;
@@ -61,9 +56,10 @@ void check_contents(const char* op, const LoraApplyArgs& a) {
 
 }  // namespace
 
-LoraApplyArgs prepare_lora_apply(const char* op, at::Tensor& y, const at::Tensor& x, const at::Tensor& A_rows,
-                                 const at::Tensor& B_rows, const at::Tensor& row_ptr, const at::Tensor& row_idx,
-                                 const at::Tensor& scales, const at::Tensor& seg_ptr, const at::Tensor& seg_slot) {
+LoraApplyProblem prepare_lora_apply(const char* op, at::Tensor& y, const at::Tensor& x, const at::Tensor& A_rows,
+                                    const at::Tensor& B_rows, const at::Tensor& row_ptr, const at::Tensor& row_idx,
+                                    const at::Tensor& scales, const at::Tensor& seg_ptr,
+                                    const at::Tensor& seg_slot) {
   struct Dim {
     const at::Tensor& t;
     const char* name;
@@ -77,8 +73,7 @@ LoraApplyArgs prepare_lora_apply(const char* op, at::Tensor& y, const at::Tensor
     TORCH_CHECK_VALUE(d.t.dim() == d.dim, op, ": ", d.name, ".dim()=", d.t.dim(), " must be ", d.dim, " (", d.shape,
                       ")");
 
-  TORCH_CHECK_VALUE(is_storage_dtype(y.scalar_type()), op, ": y.dtype=", dtype_name(y.scalar_type()),
-                    " is not supported (float32, float16, bfloat16)");
+  check_dtype(op, "y", y.scalar_type(), DtypeSet::kF32F16BF16);
   struct Named {
     const at::Tensor& t;
     const char* name;
@@ -115,7 +110,7 @@ LoraApplyArgs prepare_lora_apply(const char* op, at::Tensor& y, const at::Tensor
   TORCH_CHECK_VALUE(at::has_internal_overlap(y) != at::MemOverlap::Yes, op, ": y.stride()=", y.strides(),
                     " makes elements of y share memory; y must not overlap itself");
 
-  LoraApplyArgs a;
+  LoraApplyProblem a;
   a.y_out = y;
   a.y = rows_view(y);
   a.x = rows_view(x);
@@ -126,25 +121,32 @@ LoraApplyArgs prepare_lora_apply(const char* op, at::Tensor& y, const at::Tensor
   a.scales = scales.contiguous();
   a.seg_ptr = seg_ptr.contiguous();
   a.seg_slot = seg_slot.contiguous();
-  a.T = y.size(0);
-  a.O = y.size(1);
-  a.I = x.size(1);
-  a.P = A_rows.size(0);
-  a.N = row_ptr.numel() - 1;
-  a.S = seg_slot.numel();
-  a.nnz = row_idx.numel();
-  a.ldy = row_stride(a.y);
-  a.ldx = row_stride(a.x);
-  a.lda = row_stride(a.A);
-  a.ldb = row_stride(a.B);
-  if (row_ptr.device().is_cpu()) {
-    check_contents(op, a);
-    a.contents_checked = true;
-  }
+  LoraApplyParams<void>& prm = a.params;
+  prm.y = a.y.data_ptr();
+  prm.x = a.x.const_data_ptr();
+  prm.A = a.A.const_data_ptr();
+  prm.B = a.B.const_data_ptr();
+  prm.row_ptr = a.row_ptr.const_data_ptr<int32_t>();
+  prm.row_idx = a.row_idx.const_data_ptr<int32_t>();
+  prm.seg_ptr = a.seg_ptr.const_data_ptr<int32_t>();
+  prm.seg_slot = a.seg_slot.const_data_ptr<int32_t>();
+  prm.scales = a.scales.const_data_ptr<float>();
+  prm.T = y.size(0);
+  prm.O = y.size(1);
+  prm.I = x.size(1);
+  prm.P = A_rows.size(0);
+  prm.N = row_ptr.numel() - 1;
+  prm.S = seg_slot.numel();
+  prm.nnz = row_idx.numel();
+  prm.ldy = row_stride(a.y);
+  prm.ldx = row_stride(a.x);
+  prm.lda = row_stride(a.A);
+  prm.ldb = row_stride(a.B);
+  if (row_ptr.device().is_cpu()) check_contents(op, prm);
   return a;
 }
 
-void finish_lora_apply(LoraApplyArgs& a) {
+void finish_lora_apply(LoraApplyProblem& a) {
   if (!a.y.is_same(a.y_out)) a.y_out.copy_(a.y);
 }
 

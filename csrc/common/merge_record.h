@@ -1,0 +1,26 @@
+// The correction record of merge_ / unmerge_ (see csrc/ops.cpp and common/merge_math.h), handled
+// with ATen ops so the same code serves CPU and CUDA tensors: its layout and contents checked
+// against the problem, and its entries and escapes applied after an unmerge pass.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "merge_problem.h"
+
+namespace pylora {
+
+// Validates a record's tensors (dims, dtypes, device, sizes) against the problem.
+void check_record_layout(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
+                         const at::Tensor& esc_index, const at::Tensor& esc_value);
+
+// Validates a record's contents (counts >= 0 summing to the entries, columns < Q, escape indices in
+// range) with ATen ops, for any device; the CPU kernel checks the same with a plain loop.
+// Returns each entry's flat storage index (empty when there are no entries), for apply_record.
+at::Tensor check_record_contents(const char* op, const MergeProblem& mp, const at::Tensor& counts,
+                                 const at::Tensor& entries, const at::Tensor& esc_index);
+
+// After the unmerge pass wrote the candidates c: S[entry_index] = unkey(key(c) + delta), then the
+// escapes (ATen ops, for any device; the CPU kernel applies entries inside its pass instead).
+void apply_record(const MergeProblem& mp, const at::Tensor& entry_index, const at::Tensor& entries,
+                  const at::Tensor& esc_index, const at::Tensor& esc_value);
+
+}  // namespace pylora
