@@ -154,7 +154,7 @@ class _MergeProblem:
 
 
 def merge_(weight, lora_A, lora_B, scale, fan_in_fan_out=False):
-    """Reference of torch.ops.pylora.merge_: returns (counts, offsets, deltas, esc_index, esc_value)."""
+    """Reference of torch.ops.pylora.merge_: returns the record (counts, entries, esc_index, esc_value)."""
     mp = _MergeProblem("merge_", weight, lora_A, lora_B, scale, fan_in_fan_out)
     S, dtype = mp.S, mp.S.dtype
     acc = lora_product_fp32(mp.U, mp.V)
@@ -282,7 +282,7 @@ def dropout_keep(seed: int, T: int, I: int, dropout_p: float, device=None) -> to
 
 
 def _check_lora_linear(op, x, weight, bias, lora_A, lora_B, scale, dropout_p, fan_in_fan_out):
-    """The checks of common/lora_linear_args.cpp, in the same order with the same messages. -> (T, I, O, r)."""
+    """The checks of csrc/common/lora_linear_problem.cpp, in the same order with the same messages. -> (T, I, O, r)."""
     if x.dim() != 2:
         raise _value_error(op, f"x.dim()={x.dim()} must be 2 ([T, I])")
     if weight.dim() != 2:
@@ -385,7 +385,7 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p,
 # ----------------------------------------------------------------------------------------------
 
 def check_lora_apply_args(op, y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot):
-    """Dims, dtypes, devices and shapes of lora_apply_, with the messages of csrc/common/lora_apply_args.cpp."""
+    """Dims, dtypes, devices and shapes of lora_apply_, with the messages of csrc/common/lora_apply_problem.cpp."""
     for name, t, dim, shape in (("y", y, 2, "[T, O]"), ("x", x, 2, "[T, I]"), ("A_rows", A_rows, 2, "[P, I]"),
                                 ("B_rows", B_rows, 2, "[P, O]"), ("row_ptr", row_ptr, 1, "[N+1]"),
                                 ("row_idx", row_idx, 1, "[nnz]"), ("scales", scales, 1, "[N]"),
@@ -482,3 +482,126 @@ def lora_apply_(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slo
         h = x[t0:t1].float() @ A_rows[rows].float().t()  # [n, r]
         delta = h @ B_rows[rows].float()  # [n, O]
         y[t0:t1] = torch.addcmul(y[t0:t1].float(), scales[s], delta).to(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# lora_multi: many adapters in one batch, each its own factor tensors, differentiable
+# ----------------------------------------------------------------------------------------------
+
+def check_lora_multi(op, x, lora_A, lora_B, scales, dropout_p, seeds, tok_ptr, tok_idx):
+    """The checks of lora_multi at its boundary, with the kernels' messages. -> (T, I, O, N).
+    tok_idx contents are checked when it lives on the CPU (on a GPU that would synchronise)."""
+    if x.dim() != 2:
+        raise _value_error(op, f"x.dim()={x.dim()} must be 2 ([T, I])")
+    if x.dtype not in _LINEAR_DTYPES:
+        raise _value_error(op, f"x.dtype={_dtype_name(x.dtype)} is not supported (float32, float16, bfloat16, float64)")
+    N = len(lora_A)
+    if N < 1:
+        raise _value_error(op, "len(lora_A)=0 (N) must be >= 1: an adapter to apply")
+    for name, seq in (("lora_B", lora_B), ("scales", scales), ("dropout_p", dropout_p), ("seeds", seeds)):
+        if len(seq) != N:
+            raise _value_error(op, f"len({name})={len(seq)} must equal len(lora_A)={N} (N)")
+    if len(tok_ptr) != N + 1:
+        raise _value_error(op, f"len(tok_ptr)={len(tok_ptr)} must equal N+1={N + 1}")
+    T, I = x.shape
+    O = lora_B[0].shape[0] if lora_B[0].dim() == 2 else -1
+    for k in range(N):
+        A, B = lora_A[k], lora_B[k]
+        if A.dim() != 2:
+            raise _value_error(op, f"lora_A[{k}].dim()={A.dim()} must be 2 ([r, I])")
+        if B.dim() != 2:
+            raise _value_error(op, f"lora_B[{k}].dim()={B.dim()} must be 2 ([O, r])")
+        for name, t in ((f"lora_A[{k}]", A), (f"lora_B[{k}]", B)):
+            if t.dtype != x.dtype:
+                raise _value_error(op, f"{name}.dtype={_dtype_name(t.dtype)} must equal x.dtype={_dtype_name(x.dtype)}")
+            if t.device != x.device:
+                raise _value_error(op, f"{name}.device={t.device} must equal x.device={x.device}")
+        if A.shape[0] < 1:
+            raise _value_error(op, f"lora_A[{k}].size(0)={A.shape[0]} (r) must be >= 1")
+        if A.shape[1] != I:
+            raise _value_error(op, f"lora_A[{k}].size(1)={A.shape[1]} must equal x.size(1)={I} (I)")
+        if B.shape[1] != A.shape[0]:
+            raise _value_error(op, f"lora_B[{k}].size(1)={B.shape[1]} must equal lora_A[{k}].size(0)={A.shape[0]} (r)")
+        if B.shape[0] != O:
+            raise _value_error(op, f"lora_B[{k}].size(0)={B.shape[0]} must equal lora_B[0].size(0)={O} (O)")
+        if not math.isfinite(scales[k]):
+            raise _value_error(op, f"scales[{k}]={scales[k]:g} must be finite")
+        if not (0.0 <= dropout_p[k] < 1.0):
+            raise _value_error(op, f"dropout_p[{k}]={dropout_p[k]:g} must satisfy 0 <= dropout_p < 1")
+    if tok_idx.dim() != 1 or tok_idx.dtype != torch.int64:
+        raise _value_error(op, f"tok_idx must be a 1-D int64 tensor, got {_dtype_name(tok_idx.dtype)} of shape "
+                               f"{_shape(tok_idx)}")
+    if tok_idx.device != x.device:
+        raise _value_error(op, f"tok_idx.device={tok_idx.device} must equal x.device={x.device}")
+    if tok_ptr[0] != 0:
+        raise _value_error(op, f"tok_ptr[0]={tok_ptr[0]} must be 0")
+    for k in range(N):
+        if tok_ptr[k + 1] < tok_ptr[k]:
+            raise _value_error(op, f"tok_ptr[{k + 1}]={tok_ptr[k + 1]} must be >= tok_ptr[{k}]={tok_ptr[k]}")
+    if tok_ptr[N] != tok_idx.numel():
+        raise _value_error(op, f"tok_ptr[N]={tok_ptr[N]} must equal tok_idx.numel()={tok_idx.numel()}")
+    if tok_idx.device.type == "cpu":
+        check_lora_multi_tokens(tok_idx, T, op)
+    return T, I, O, N
+
+
+def check_lora_multi_tokens(tok_idx, T, op="lora_multi"):
+    """tok_idx's values in [0, T), each token at most once (one adapter per token)."""
+    idx = tok_idx.cpu()
+    bad = _first((idx < 0) | (idx >= T))
+    if bad is not None:
+        raise _value_error(op, f"tok_idx[{bad}]={int(idx[bad])} must be in [0, T={T})")
+    if idx.numel() > 1:
+        seen = torch.zeros(T, dtype=torch.int64)
+        seen.index_add_(0, idx, torch.ones_like(idx))
+        twice = _first(seen > 1)
+        if twice is not None:
+            at = int((idx == twice).nonzero()[1, 0])
+            raise _value_error(op, f"tok_idx[{at}]={twice} appears more than once: a token has one adapter")
+
+
+def _group_x(x, tok_idx, tok_ptr, k):
+    idx = tok_idx[tok_ptr[k]:tok_ptr[k + 1]]
+    return idx, x.index_select(0, idx)
+
+
+def lora_multi(x, lora_A, lora_B, scales, dropout_p, seeds, tok_ptr, tok_idx):
+    """Reference of torch.ops.pylora.lora_multi -> (y, h); plain torch, differentiable by autograd."""
+    T, I, O, N = check_lora_multi("lora_multi", x, lora_A, lora_B, scales, dropout_p, seeds, tok_ptr, tok_idx)
+    y = x.new_zeros(T, O)
+    hs = []
+    for k in range(N):
+        idx, xk = _group_x(x, tok_idx, tok_ptr, k)
+        n, p = idx.numel(), float(dropout_p[k])
+        dk = _dropped(xk, dropout_keep(seeds[k], n, I, p, x.device), p) if p > 0 else xk
+        h = dk @ lora_A[k].t()
+        hs.append(h)
+        y = y.index_copy(0, idx, (h @ lora_B[k].t()) * scales[k])
+    return y, hs
+
+
+def lora_multi_backward(grad_y, x, lora_A, lora_B, h, scales, dropout_p, seeds, tok_ptr, tok_idx, output_mask):
+    """Reference of torch.ops.pylora.lora_multi_backward -> (grad_x, grad_A list, grad_B list)."""
+    op = "lora_multi_backward"
+    T, I, O, N = check_lora_multi(op, x, lora_A, lora_B, scales, dropout_p, seeds, tok_ptr, tok_idx)
+    if grad_y.dim() != 2 or tuple(grad_y.shape) != (T, O):
+        raise _value_error(op, f"grad_y.shape={_shape(grad_y)} must equal [T, O]=[{T}, {O}]")
+    if len(h) != N:
+        raise _value_error(op, f"len(h)={len(h)} must equal N={N}")
+    need_x, need_A, need_B = (bool(m) for m in output_mask)
+    grad_x = x.new_zeros(T, I) if need_x else x.new_empty(0)
+    grad_A, grad_B = [], []
+    for k in range(N):
+        idx, xk = _group_x(x, tok_idx, tok_ptr, k)
+        n, p = idx.numel(), float(dropout_p[k])
+        if tuple(h[k].shape) != (n, lora_A[k].shape[0]):
+            raise _value_error(op, f"h[{k}].shape={_shape(h[k])} must equal [n, r]=[{n}, {lora_A[k].shape[0]}]")
+        gy = grad_y.index_select(0, idx)
+        keep = dropout_keep(seeds[k], n, I, p, x.device) if p > 0 else None
+        grad_B.append((gy.t() @ h[k]) * scales[k] if need_B else x.new_empty(0))
+        u = (gy @ lora_B[k]) * scales[k]
+        if need_x:
+            lora = u @ lora_A[k]
+            grad_x.index_copy_(0, idx, _dropped(lora, keep, p) if keep is not None else lora)
+        grad_A.append(u.t() @ (_dropped(xk, keep, p) if keep is not None else xk) if need_A else x.new_empty(0))
+    return grad_x, grad_A, grad_B
