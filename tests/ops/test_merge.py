@@ -161,6 +161,30 @@ def test_nonfinite_result_refused_weight_untouched(backend, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fifo", [False, True])
+def test_nonfinite_message_is_the_same_on_every_backend(device, dtype, fifo):
+    """The refusal names the position and the fp32 chain's value, the same numbers on every backend (CUDA
+    once printed a float64 sum instead)."""
+    if not _ext.has_kernel("merge_", device):
+        pytest.skip(f"no compiled {device} kernel for merge_")
+    messages = []
+    for ref_mode in (False, True):
+        torch.manual_seed(3)
+        W, A, B = make(24, 40, 6, dtype, torch.float32, device, fifo=fifo)
+        big = torch.finfo(dtype).max
+        o, i = 17, 29
+        with torch.no_grad():
+            (W[i, o] if fifo else W[o, i]).fill_(big * 0.75)
+            B[o] = torch.linspace(0.3, 0.9, B.shape[1])
+            A[:, i] = torch.linspace(0.7, 0.2, A.shape[0])
+        with ops.reference_mode(ref_mode), pytest.raises(ValueError) as info:
+            ops.merge_(W, A, B, big / 2, fan_in_fan_out=fifo)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert f"weight[{i}, {o}]" in messages[0] if fifo else f"weight[{o}, {i}]" in messages[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_nonfinite_weight_or_factors_refused(backend, device, dtype):
     W, A, B = make(9, 30, 2, dtype, torch.float32, device)
     W[4, 5] = float("nan")
