@@ -28,6 +28,17 @@ TORCH_LIBRARY(pylora, m) {
   m.def("lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor h, "
         "float scale, float dropout_p, int seed, bool fan_in_fan_out, bool[5] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (y [T, O], h): adapter k of N owns the tokens tok_idx[tok_ptr[k]:tok_ptr[k+1]] (each token at most once)
+  // and is a lora_linear without the base over them: h[k] = drop_k(x_k) @ lora_A[k]^T [n_k, r_k] with its mask
+  // hashed from (seeds[k], the token's index within the group, i), y[tok] = scales[k] * h[k] @ lora_B[k]^T,
+  // y = 0 for tokens of no adapter; h is saved for backward, not differentiable.
+  m.def("lora_multi(Tensor x, Tensor[] lora_A, Tensor[] lora_B, float[] scales, float[] dropout_p, int[] seeds, "
+        "int[] tok_ptr, Tensor tok_idx) -> (Tensor, Tensor[])");
+  // (grad_x [T, I], grad_A [r_k, I] per adapter, grad_B [O, r_k] per adapter) of lora_multi given grad_y and its h;
+  // an output whose output_mask entry is False is empty, not computed.
+  m.def("lora_multi_backward(Tensor grad_y, Tensor x, Tensor[] lora_A, Tensor[] lora_B, Tensor[] h, float[] scales, "
+        "float[] dropout_p, int[] seeds, int[] tok_ptr, Tensor tok_idx, bool[3] output_mask) "
+        "-> (Tensor, Tensor[], Tensor[])");
   // For each segment g (tokens t in [seg_ptr[g], seg_ptr[g+1])) whose slot s = seg_slot[g] is not -1, with
   // rows(s) = row_idx[row_ptr[s]:row_ptr[s+1]]: y[t, o] = R(y[t, o] + scales[s] * sum_j h[t, j] * B_rows[rows(s)[j], o]),
   // h[t, j] = sum_i A_rows[rows(s)[j], i] * x[t, i]; fp32 accumulation, one rounding R into y's dtype.

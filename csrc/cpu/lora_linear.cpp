@@ -1,5 +1,5 @@
 // lora_linear_cpu / lora_linear_backward_cpu: the ATen GEMMs of common/lora_linear_gemms.cpp plus the
-// dropout-masked pieces, which never hold more of drop(x) than one tile per thread:
+// dropout-masked pieces (which lora_multi_cpu / lora_multi_backward_cpu run per adapter, common/lora_multi.cpp), which never hold more of drop(x) than one tile per thread:
 //   shrink           h [T, r]  = drop(x) A^T
 //   masked backward  dX [T, I] += (u A) * keep / (1 - p)   and   dA [r, I] = u^T drop(x)
 // Work is split into tiles of kRowTile rows x kColTile columns. Per tile the keep bits are hashed
@@ -26,6 +26,7 @@
 #include "../common/lora_linear_gemms.h"
 #include "../common/lora_linear_params.h"
 #include "../common/lora_linear_problem.h"
+#include "../common/lora_multi.h"
 #include "../common/merge_math.h"
 
 namespace pylora {
@@ -225,11 +226,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   return lora_linear_backward(pb, grad_y, x, weight, lora_A, lora_B, h, output_mask, &masked_backward_cpu);
 }
 
+std::tuple<at::Tensor, std::vector<at::Tensor>> lora_multi_cpu(const at::Tensor& x, at::TensorList lora_A,
+                                                              at::TensorList lora_B, at::ArrayRef<double> scales,
+                                                              at::ArrayRef<double> dropout_p, at::IntArrayRef seeds,
+                                                              at::IntArrayRef tok_ptr, const at::Tensor& tok_idx) {
+  const auto pbs = check_lora_multi("lora_multi", x, lora_A, lora_B, scales, dropout_p, seeds, tok_ptr, tok_idx);
+  return lora_multi_forward(pbs, x, lora_A, lora_B, tok_ptr, tok_idx, &masked_shrink_cpu);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_multi_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B, at::TensorList h,
+    at::ArrayRef<double> scales, at::ArrayRef<double> dropout_p, at::IntArrayRef seeds, at::IntArrayRef tok_ptr,
+    const at::Tensor& tok_idx, std::array<bool, 3> output_mask) {
+  const char* op = "lora_multi_backward";
+  const auto pbs = check_lora_multi(op, x, lora_A, lora_B, scales, dropout_p, seeds, tok_ptr, tok_idx);
+  return lora_multi_backward(op, pbs, grad_y, x, lora_A, lora_B, h, tok_ptr, tok_idx, output_mask,
+                             &masked_backward_cpu);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pylora, CPU, m) {
   m.impl("lora_linear", &lora_linear_cpu);
   m.impl("lora_linear_backward", &lora_linear_backward_cpu);
+  m.impl("lora_multi", &lora_multi_cpu);
+  m.impl("lora_multi_backward", &lora_multi_backward_cpu);
 }
 
 }  // namespace pylora

@@ -1,5 +1,6 @@
 // lora_linear_cuda / lora_linear_backward_cuda: the ATen (cuBLAS) GEMMs of common/lora_linear_gemms.cpp
-// plus three kernels for the dropout-masked pieces, each a shared-memory tiled product whose tile
+// plus three kernels for the dropout-masked pieces (which lora_multi_cuda / lora_multi_backward_cuda run
+// per adapter, common/lora_multi.cpp), each a shared-memory tiled product whose tile
 // loader hashes the keep bit of every x element it reads (common/dropout_hash.h), so neither a mask
 // nor a dropped copy of x ever reaches global memory:
 //   masked_shrink      h [T, r] = drop(x) A^T          (split over I, partials summed in fp32)
@@ -25,6 +26,7 @@
 #include "../common/lora_linear_gemms.h"
 #include "../common/lora_linear_params.h"
 #include "../common/lora_linear_problem.h"
+#include "../common/lora_multi.h"
 
 namespace pylora {
 namespace {
@@ -303,11 +305,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   return lora_linear_backward(pb, grad_y, x, weight, lora_A, lora_B, h, output_mask, &masked_backward_cuda);
 }
 
+std::tuple<at::Tensor, std::vector<at::Tensor>> lora_multi_cuda(const at::Tensor& x, at::TensorList lora_A,
+                                                              at::TensorList lora_B, at::ArrayRef<double> scales,
+                                                              at::ArrayRef<double> dropout_p, at::IntArrayRef seeds,
+                                                              at::IntArrayRef tok_ptr, const at::Tensor& tok_idx) {
+  const auto pbs = check_lora_multi("lora_multi", x, lora_A, lora_B, scales, dropout_p, seeds, tok_ptr, tok_idx);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lora_multi_forward(pbs, x, lora_A, lora_B, tok_ptr, tok_idx, &masked_shrink_cuda);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_multi_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B, at::TensorList h,
+    at::ArrayRef<double> scales, at::ArrayRef<double> dropout_p, at::IntArrayRef seeds, at::IntArrayRef tok_ptr,
+    const at::Tensor& tok_idx, std::array<bool, 3> output_mask) {
+  const char* op = "lora_multi_backward";
+  const auto pbs = check_lora_multi(op, x, lora_A, lora_B, scales, dropout_p, seeds, tok_ptr, tok_idx);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lora_multi_backward(op, pbs, grad_y, x, lora_A, lora_B, h, tok_ptr, tok_idx, output_mask,
+                             &masked_backward_cuda);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pylora, CUDA, m) {
   m.impl("lora_linear", &lora_linear_cuda);
   m.impl("lora_linear_backward", &lora_linear_backward_cuda);
+  m.impl("lora_multi", &lora_multi_cuda);
+  m.impl("lora_multi_backward", &lora_multi_backward_cuda);
 }
 
 }  // namespace pylora

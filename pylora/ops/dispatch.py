@@ -11,7 +11,8 @@ import torch
 from pylora import _ext
 from pylora.ops import reference as ref
 
-OPS = ("merge_", "unmerge_", "lora_linear", "lora_linear_backward", "lora_apply_")
+OPS = ("merge_", "unmerge_", "lora_linear", "lora_linear_backward", "lora_apply_", "lora_multi",
+       "lora_multi_backward")
 
 _force_reference = contextvars.ContextVar("pylora_force_reference", default=False)
 
