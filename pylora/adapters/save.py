@@ -134,23 +134,30 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     Returns the directory written.
 
     Semantics: the tensors of adapter_tensors(model) and config_to_json(get_config(model)); an
-    "all-linear" target is written as the list of modules it selected, as PEFT writes it. Each file is
-    written to a temporary name and renamed, so a reader never sees half a file.
+    "all-linear" target is written as the list of modules it selected, as PEFT writes it; the files
+    are written by write_adapter.
     """
     check_adapter_name(adapter_name)
     inner = unwrap_model(model)
     tensors = adapter_tensors(inner, save_embedding_layers)
     config = adapter_config_json(inner)
     directory = os.fspath(path) if adapter_name == "default" else os.path.join(os.fspath(path), adapter_name)
-    os.makedirs(directory, exist_ok=True)
+    write_adapter(directory, config, tensors)
+    return directory
 
+
+def write_adapter(directory: Union[str, os.PathLike], config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write adapter_config.json (`config`) and adapter_model.safetensors (`tensors`, PEFT's keys, metadata
+    {"format": "pt"}) in `directory`, creating it. Each file is written to a temporary name and renamed,
+    so a reader never sees half a file."""
     from safetensors.torch import save_file
 
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
     _write_atomic(os.path.join(directory, WEIGHTS_NAME),
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
     _write_atomic(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text(tmp, text))
-    return directory
 
 
 def _write_text(path: str, text: str) -> None:

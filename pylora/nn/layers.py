@@ -23,6 +23,22 @@ from pylora.nn.config import lora_scale
 from pylora.nn.kinds import SUPPORTED, is_conv1d, module_kind
 
 
+@torch.no_grad()
+def init_lora_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, init_lora_weights=True) -> None:
+    """PEFT's initialisation of Linear (and Conv2d) factors, in place: True: A like nn.Linear's default
+    init (kaiming_uniform, a=sqrt(5)), B zero; "gaussian": A ~ N(0, 1/r), B zero; False: both random (a
+    non-identity adapter, for tests)."""
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+        return
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
+    else:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    nn.init.zeros_(lora_B)
+
+
 class LoraLayer(nn.Module):
     """What every LoRA layer shares: rank, scale, dropout, merge state."""
 
@@ -114,18 +130,9 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True) -> None:
-        """True: A like nn.Linear's default init, B zero; "gaussian": A ~ N(0, 1/r), B zero;
-        False: both random (a non-identity adapter, for tests)."""
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            return
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-        if getattr(self, "lora_B_bias", None) is not None:
+        """PEFT's initialisation (init_lora_factors); a lora_B bias starts at zero."""
+        init_lora_factors(self.lora_A, self.lora_B, init_lora_weights)
+        if getattr(self, "lora_B_bias", None) is not None and init_lora_weights is not False:
             nn.init.zeros_(self.lora_B_bias)
 
     @property
