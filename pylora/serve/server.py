@@ -11,6 +11,18 @@ plan on the host (which slot each row uses, as segments of tokens), moves it to 
 and every wrapped module adds its LoRA update with pylora.ops.lora_apply_ (nothing in the
 per-layer path synchronises with the device). Every other argument goes to the model unchanged,
 so prefill, incremental decoding with a KV cache and `generate` work.
+
+The same server trains adapters (pylora.serve.training): add_adapter / load_adapter(trainable=True)
+make adapters whose factors are parameters of their own; in training mode with gradients enabled, a
+forward builds the graph, every row training the adapter it names, through pylora.ops.lora_multi.
+
+    server.add_adapter("carol", pylora.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW([{"params": server.adapter_parameters("carol"), "lr": 1e-3}])
+    server.train()
+    logits = server(input_ids=ids, adapter_names=["carol", "carol", None]).logits
+    loss, _ = pylora.per_adapter_loss(logits, ids, ["carol", "carol", None])
+    loss.backward(); opt.step()
+    server.save_adapter("carol", "out/carol")      # PEFT's format
 """
 from __future__ import annotations
 
@@ -25,33 +37,47 @@ from torch import nn
 
 from pylora import ops
 from pylora.adapters import AdapterError, AdapterWarning, as_adapter, fit
+from pylora.adapters.config_json import config_to_json
+from pylora.adapters.format import PREFIX
+from pylora.adapters.save import write_adapter
 from pylora.adapters.source import Source
-from pylora.nn.inject import plain_state, set_module
-from pylora.nn.kinds import features
+from pylora.nn.config import LoraConfig
+from pylora.nn.inject import plain_modules, plain_state, set_module, target_names
+from pylora.nn.kinds import features, module_kind
 from pylora.nn.layers import LoraLayer
 from pylora.serve.batch import segments
+from pylora.serve.training import TrainableAdapter, adapter_seed, draw_seed, module_draw
 from pylora.serve.pool import AdapterPool, HostAdapter, ModulePool
 
 
 class _Batch:
-    """What one forward's wrapped modules share: the snapshot, each row's slot, the device plans."""
+    """What one forward's wrapped modules share: the snapshot, each row's pool slot, each row's trainable
+    adapter, the device plans, and (training) the forward's dropout draw."""
 
-    def __init__(self, snapshot, row_slots: list, num_slots: int):
+    def __init__(self, snapshot, row_slots: list, num_slots: int, row_trainable: Optional[list] = None,
+                 trainable: Optional[dict] = None, step_draw: int = 0, dropout: bool = False):
         self.snapshot = snapshot
         self.row_slots = row_slots
         self.num_slots = num_slots
         self.any = any(s >= 0 for s in row_slots)
+        self.row_trainable = row_trainable or [None] * len(row_slots)
+        self.trainable = trainable or {}  # name -> TrainableAdapter, those the batch names
+        self.step_draw = step_draw
+        self.dropout = dropout
         self._plans = {}
 
-    def slots_for(self, rows: int) -> list:
-        B = len(self.row_slots)
+    def per_row(self, values: list, rows: int) -> list:
+        B = len(values)
         if rows == B:
-            return self.row_slots
+            return values
         if rows % B == 0:  # generate() with num_beams / num_return_sequences repeats each row in place
             k = rows // B
-            return [s for s in self.row_slots for _ in range(k)]
+            return [s for s in values for _ in range(k)]
         raise ValueError(f"MultiLoRA: a wrapped module saw a batch of {rows} rows, but adapter_names has {B} "
                          "entries (one per row)")
+
+    def slots_for(self, rows: int) -> list:
+        return self.per_row(self.row_slots, rows)
 
     def plan(self, rows: int, tokens: int, device) -> tuple:
         key = (rows, tokens, str(device))
@@ -65,6 +91,26 @@ class _Batch:
                 seg_slot = seg_slot.pin_memory().to(device, non_blocking=True)
             plan = self._plans[key] = (seg_ptr, seg_slot)
         return plan
+
+    def token_groups(self, rows: int, tokens: int, device, names: tuple) -> tuple:
+        """lora_multi's (tok_ptr, tok_idx) for the trainable adapters `names`: each one's tokens, row by row."""
+        key = (rows, tokens, str(device), names)
+        groups = self._plans.get(key)
+        if groups is None:
+            if tokens % rows:
+                raise ValueError(f"MultiLoRA: {tokens} tokens do not split into {rows} rows")
+            L, per_row = tokens // rows, self.per_row(self.row_trainable, rows)
+            tok_ptr, idx = [0], []
+            for name in names:
+                for r, n in enumerate(per_row):
+                    if n == name:
+                        idx.extend(range(r * L, (r + 1) * L))
+                tok_ptr.append(len(idx))
+            tok_idx = torch.tensor(idx, dtype=torch.int64)
+            if device.type != "cpu":
+                tok_idx = tok_idx.pin_memory().to(device, non_blocking=True)
+            groups = self._plans[key] = (tok_ptr, tok_idx)
+        return groups
 
 
 class ServedLayer(nn.Module):
@@ -82,12 +128,33 @@ class ServedLayer(nn.Module):
     def forward(self, x, *args, **kwargs):
         y = self.base_layer(x, *args, **kwargs)
         batch = self._server._batch()
-        if batch is None or not batch.any:
+        if batch is None:
             return y
-        tables = batch.snapshot.tables.get(self.name)
-        if tables is None or not tables.slot_rows:
-            return y
-        return self._add_lora(x, y, batch, tables)
+        if batch.any:
+            tables = batch.snapshot.tables.get(self.name)
+            if tables is not None and tables.slot_rows:
+                y = self._add_lora(x, y, batch, tables)
+        if batch.trainable:
+            present = [a for a in batch.trainable.values() if a.of(self.name) is not None]
+            if present:
+                y = self._add_trainable(x, y, batch, present)
+        return y
+
+    def _add_trainable(self, x, y, batch, present):
+        """The rows of trainable adapters: lora_multi over their own parameters (differentiable)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x2.dtype
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        names = tuple(a.name for a in present)
+        tok_ptr, tok_idx = batch.token_groups(x.shape[0], x2.shape[0], x.device, names)
+        factors = [a.of(self.name) for a in present]
+        draw = module_draw(batch.step_draw, self.name)
+        delta = ops.lora_multi(x2, [f.lora_A.to(dtype) for f in factors], [f.lora_B.to(dtype) for f in factors],
+                               [a.scales[self.name] for a in present], tok_ptr, tok_idx,
+                               dropout_p=[a.dropout_p if batch.dropout else 0.0 for a in present],
+                               seeds=[adapter_seed(draw, a.salt) for a in present], check=False)
+        return y + delta.view(*y.shape[:-1], delta.shape[-1]).to(y.dtype)
 
     def _add_lora(self, x, y, batch, tables):
         pool = self._server.pool.modules[self.name]
@@ -151,15 +218,22 @@ class MultiLoRA(nn.Module):
         self._capacity_bytes = capacity_bytes
         rows = capacity_rows if capacity_rows is not None else 1024
         self.pool = AdapterPool(max_adapters, rows, self.dtype, self.device)
+        # Trainable adapters, registered as submodules (optimizers and DDP see their parameters); keyed
+        # by an escaped name since a module name cannot hold ".".
+        self.trainable_adapters = nn.ModuleDict()
+        self._configs: dict[str, LoraConfig] = {}  # every adapter's config, for save_adapter
         self._local = threading.local()
         self._load_lock = threading.Lock()  # one load at a time: its checks hold until it is done
+        self._last_train_batch: Optional[_Batch] = None
 
     # -- adapters ---------------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, source: Source, *, pin: bool = False, adapter_name: Optional[str] = None,
-                     allow_pickle: bool = False, strict: bool = True) -> None:
+    def load_adapter(self, name: str, source: Source, *, pin: bool = False, trainable: bool = False,
+                     adapter_name: Optional[str] = None, allow_pickle: bool = False, strict: bool = True) -> None:
         """Load an adapter from a PEFT-format directory (its subfolder `adapter_name`), a pylora model in
-        memory, or a pylora.adapters.Adapter.
+        memory, or a pylora.adapters.Adapter. With trainable=True it becomes a trainable adapter (its
+        factors float32 parameters, on the server's device) that continues training from the loaded values;
+        it serves from those parameters and is always resident.
 
         It goes through the same checks as pylora.load_adapter (pylora.adapters.as_adapter, then fit
         against the base model, the factors' range checked in the server's dtype), then the server's own:
@@ -171,8 +245,22 @@ class MultiLoRA(nn.Module):
         if not isinstance(name, str) or not name:
             raise ValueError(f"MultiLoRA.load_adapter: name={name!r} must be a non-empty string")
         af = as_adapter(source, adapter_name, allow_pickle=allow_pickle, strict=strict)
-        f = fit(af, self.model, strict=strict, lora_dtype=self.dtype)
+        f = fit(af, self.model, strict=strict, lora_dtype=torch.float32 if trainable else self.dtype)
         modules = self._servable(name, af, f)
+        if trainable:
+            if any(module_kind(self._base_module(m)) != "linear" for m in modules):
+                bad = next(m for m in modules if module_kind(self._base_module(m)) != "linear")
+                raise AdapterError(f"MultiLoRA.load_adapter({name!r}, trainable=True): {af.path}: module {bad!r} is a "
+                                   f"{type(self._base_module(bad)).__name__}; trainable adapters support Linear and "
+                                   "Conv1D targets", af.path)
+            config = _config_of(f.config, list(modules))
+            adapter = TrainableAdapter(
+                name, config, {m: (A.to(self.device), B.to(self.device)) for m, (A, B, _) in modules.items()},
+                {m: s for m, (_, _, s) in modules.items()})
+            self._register_trainable(adapter)
+            for message in f.notes:
+                warnings.warn(f"MultiLoRA.load_adapter({name!r}): {message}", AdapterWarning, stacklevel=2)
+            return
         with self._load_lock:
             # Every check before anything changes: the name, and each module's rank against its pool
             # (an existing pool's rows, or those a new pool would get).
@@ -187,7 +275,7 @@ class MultiLoRA(nn.Module):
                     raise AdapterError(f"MultiLoRA.load_adapter({name!r}): {af.path}: module {mname!r} has rank "
                                        f"{A.shape[0]}, above the {rows} rows its pool holds (capacity_rows / "
                                        "capacity_bytes)", af.path)
-            self.pool.check_new(name)
+            self._check_new(name)
             # Allocation is the one step that can fail (out of memory): before anything is shared.
             new_pools = {m: ModulePool(m, I, O, rows, self.dtype, self.device) for m, (I, O, rows) in sizes.items()}
             wrapped = []
@@ -199,6 +287,7 @@ class MultiLoRA(nn.Module):
                     set_module(self.model, mname, cls(current, mname, self))
                     wrapped.append((mname, current))
                 self.pool.register(HostAdapter(name=name, modules=modules))
+                self._configs[name] = _config_of(f.config, list(modules))
             except BaseException:
                 for mname, original in reversed(wrapped):
                     set_module(self.model, mname, original)
@@ -219,12 +308,112 @@ class MultiLoRA(nn.Module):
         for name, source in tqdm(sources.items(), desc="loading adapters", disable=disable):
             self.load_adapter(name, source)
 
+    def add_adapter(self, name: str, config: LoraConfig, *, salt: Optional[int] = None,
+                    dtype: torch.dtype = torch.float32) -> None:
+        """A fresh trainable adapter: PEFT's initialisation (config.init_lora_weights) of factors for every
+        module `config` targets in the base model (Linear and Conv1D), `dtype` parameters on the server's
+        device (float32 by default, as PEFT keeps them). `salt` keys its dropout masks (default: from its
+        name, so the same name draws the same masks in every run). Raises ValueError before anything
+        changes: an existing name, a config that targets nothing or a module that is not Linear/Conv1D, or
+        options the server does not train (modules_to_save, bias, lora_bias, use_dora)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"MultiLoRA.add_adapter: name={name!r} must be a non-empty string")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"MultiLoRA.add_adapter: config must be a pylora.LoraConfig, got {type(config).__name__}")
+        for field, off in (("modules_to_save", None), ("bias", "none"), ("lora_bias", False)):
+            if getattr(config, field) not in (off, [] if off is None else off):
+                raise ValueError(f"MultiLoRA.add_adapter({name!r}): {field}={getattr(config, field)!r} is not "
+                                 f"supported; trainable adapters hold LoRA factors only ({field} must be {off!r})")
+        targets = target_names(self.model, config)
+        if not targets:
+            raise ValueError(f"MultiLoRA.add_adapter({name!r}): target_modules={config.target_modules!r} matches no "
+                             f"module of {type(self.model).__name__}")
+        modules = plain_modules(self.model)
+        for m in targets:
+            if module_kind(modules[m]) != "linear":
+                raise ValueError(f"MultiLoRA.add_adapter({name!r}): module {m!r} is a {type(modules[m]).__name__}; "
+                                 "trainable adapters support Linear and Conv1D targets")
+        adapter = TrainableAdapter.fresh(name, _config_of(config, targets), {m: features(modules[m]) for m in targets},
+                                         dtype=dtype, device=self.device, salt=salt)
+        self._register_trainable(adapter)
+
+    def _register_trainable(self, adapter: TrainableAdapter) -> None:
+        with self._load_lock:
+            self._check_new(adapter.name)
+            wrapped = []
+            try:
+                for m in adapter.modules_:
+                    current = self.model.get_submodule(m)
+                    if not isinstance(current, ServedLayer):
+                        set_module(self.model, m, ServedLayer(current, m, self))
+                        wrapped.append((m, current))
+                self.trainable_adapters[_escape(adapter.name)] = adapter
+                self._configs[adapter.name] = adapter.config
+            except BaseException:
+                for m, original in reversed(wrapped):
+                    set_module(self.model, m, original)
+                raise
+
+    def _check_new(self, name: str) -> None:
+        if _escape(name) in self.trainable_adapters:
+            raise ValueError(f"MultiLoRA: an adapter named {name!r} is already loaded; unload it first")
+        self.pool.check_new(name)
+
+    def _trainable(self, name: str) -> Optional[TrainableAdapter]:
+        key = _escape(name) if isinstance(name, str) else None
+        return self.trainable_adapters[key] if key in self.trainable_adapters else None
+
+    def is_trainable(self, name: str) -> bool:
+        self._known(name, "is_trainable")
+        return self._trainable(name) is not None
+
+    def adapter_parameters(self, name: str) -> list:
+        """The trainable tensors of adapter `name` (each module's lora_A and lora_B), for an optimizer's param
+        group: each adapter its own group, with its own learning rate and schedule."""
+        adapter = self._trainable(name)
+        if adapter is None:
+            self._known(name, "adapter_parameters")
+            raise ValueError(f"MultiLoRA.adapter_parameters: adapter {name!r} is not trainable (add_adapter, or "
+                             "load_adapter(..., trainable=True))")
+        return list(adapter.parameters())
+
+    def save_adapter(self, name: str, directory) -> str:
+        """Write adapter `name` in PEFT's format (adapter_config.json and adapter_model.safetensors) to
+        `directory`: a trainable adapter's current parameters, or a loaded adapter's factors. PEFT and
+        pylora.load_adapter load it; its outputs equal serving it here. Returns the directory."""
+        self._known(name, "save_adapter")
+        adapter = self._trainable(name)
+        if adapter is not None:
+            factors = {m: (adapter.of(m).lora_A, adapter.of(m).lora_B) for m in adapter.modules_}
+        else:
+            factors = {m: (A, B) for m, (A, B, _) in self.pool.adapters[name].modules.items()}
+        tensors = {}
+        for m, (A, B) in factors.items():
+            for suffix, t in (("lora_A.weight", A), ("lora_B.weight", B)):
+                t = t.detach().to("cpu", copy=True).contiguous()
+                if not bool(torch.isfinite(t).all()):
+                    raise AdapterError(f"MultiLoRA.save_adapter({name!r}): {m}.{suffix} holds non-finite values; an "
+                                       "adapter file must be finite")
+                tensors[f"{PREFIX}{m}.{suffix}"] = t
+        model = self.model
+        config = config_to_json(self._configs[name], base_model_name_or_path=model.__dict__.get("name_or_path"),
+                                auto_mapping={"base_model_class": type(model).__name__,
+                                              "parent_library": type(model).__module__})
+        write_adapter(directory, config, tensors)
+        return str(directory)
+
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter; batches already running finish with it, later batches cannot name it."""
+        if self._trainable(name) is not None:
+            with self._load_lock:
+                del self.trainable_adapters[_escape(name)]
+                self._configs.pop(name, None)
+            return
         if name not in self.pool.adapters:
             raise KeyError(f"MultiLoRA.unload_adapter: no adapter named {name!r} is loaded "
                            f"(loaded: {', '.join(self.adapters) or 'none'})")
         self.pool.remove(name)
+        self._configs.pop(name, None)
 
     def pin(self, name: str) -> None:
         """Keep an adapter resident on the device (never evicted)."""
@@ -237,13 +426,14 @@ class MultiLoRA(nn.Module):
 
     @property
     def adapters(self) -> list:
-        return sorted(self.pool.adapters)
+        return sorted(list(self.pool.adapters) + [a.name for a in self.trainable_adapters.values()])
 
     def resident_adapters(self) -> list:
-        return self.pool.resident()
+        """The adapters whose factors are on the device now: the pool's resident ones and every trainable one."""
+        return sorted(self.pool.resident() + [a.name for a in self.trainable_adapters.values()])
 
     def _known(self, name, what):
-        if name not in self.pool.adapters:
+        if name not in self.pool.adapters and self._trainable(name) is None:
             raise KeyError(f"MultiLoRA.{what}: no adapter named {name!r} is loaded "
                            f"(loaded: {', '.join(self.adapters) or 'none'})")
 
@@ -281,22 +471,42 @@ class MultiLoRA(nn.Module):
     # -- serving ----------------------------------------------------------------------------------
 
     def _batch(self) -> Optional[_Batch]:
-        return getattr(self._local, "batch", None)
+        batch = getattr(self._local, "batch", None)
+        if batch is None and self.training and torch.is_grad_enabled():
+            # A forward recomputed by activation checkpointing during backward, outside the serving
+            # context (and, on a GPU, on autograd's own thread): the last training batch it belongs to.
+            batch = self._last_train_batch
+        return batch
+
+    def train(self, mode: bool = True):
+        self._last_train_batch = None
+        return super().train(mode)
 
     @contextlib.contextmanager
-    def _serving(self, adapter_names: Sequence, rows: int):
+    def _serving(self, adapter_names: Sequence, rows: int, training: bool = False):
+        if isinstance(adapter_names, (str, bytes)):
+            raise ValueError(f"MultiLoRA: adapter_names={adapter_names!r} is a string; give one adapter name (or None) "
+                             f"per row, e.g. adapter_names=[{adapter_names!r}] * {rows}")
         names = list(adapter_names)
         if len(names) != rows:
             raise ValueError(f"MultiLoRA: adapter_names has {len(names)} entries, the batch has {rows} rows "
                              "(one name, or None for the base model, per row)")
-        wanted = set()
+        wanted, trainable = set(), {}
         for i, n in enumerate(names):
             if n is None:
                 continue
-            if n not in self.pool.adapters:
+            adapter = self._trainable(n)
+            if adapter is not None:
+                trainable[n] = adapter
+            elif n not in self.pool.adapters:
                 raise ValueError(f"MultiLoRA: adapter_names[{i}]={n!r} is not loaded "
                                  f"(loaded: {', '.join(self.adapters) or 'none'})")
-            wanted.add(n)
+            elif training:
+                raise ValueError(f"MultiLoRA: adapter_names[{i}]={n!r} is not trainable, and this is a training "
+                                 "batch (train mode, gradients enabled): a training batch names trainable adapters "
+                                 "or None; serve it under torch.no_grad() or after server.eval()")
+            else:
+                wanted.add(n)
         try:
             snap = self.pool.acquire(wanted)
         except KeyError as exc:  # unloaded by another thread between the check and the acquire
@@ -305,9 +515,13 @@ class MultiLoRA(nn.Module):
             missing = [n for n in wanted if n not in snap.slots]
             if missing:
                 raise ValueError(f"MultiLoRA: adapter {missing[0]!r} was unloaded while this batch started")
-            batch = _Batch(snap, [snap.slots[n] if n is not None else -1 for n in names], self.pool.max_slots)
+            batch = _Batch(snap, [snap.slots[n] if n in wanted else -1 for n in names], self.pool.max_slots,
+                           row_trainable=[n if n in trainable else None for n in names], trainable=trainable,
+                           step_draw=draw_seed() if training else 0, dropout=training)
             previous = self._batch()
             self._local.batch = batch
+            if training:
+                self._last_train_batch = batch
             try:
                 yield batch
             finally:
@@ -316,16 +530,44 @@ class MultiLoRA(nn.Module):
             self.pool.release(snap)
 
     def forward(self, *args, adapter_names: Sequence, **kwargs):
-        """The model's forward with each row's adapter; every other argument goes to the model unchanged."""
+        """The model's forward with each row's adapter; every other argument goes to the model unchanged.
+        In training mode with gradients enabled it builds the graph: each row trains the (trainable) adapter
+        it names, with its dropout; otherwise it runs under torch.no_grad()."""
         rows = _batch_rows(args, kwargs)
-        with self._serving(adapter_names, rows), torch.no_grad():
-            return self.model(*args, **kwargs)
+        training = self.training and torch.is_grad_enabled()
+        with self._serving(adapter_names, rows, training=training):
+            if training:
+                return self.model(*args, **kwargs)
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence, **kwargs):
         """The model's generate() with each row's adapter applied at every step."""
         rows = _batch_rows(args, kwargs)
         with self._serving(adapter_names, rows), torch.no_grad():
             return self.model.generate(*args, **kwargs)
+
+
+def _escape(name: str) -> str:
+    """An adapter name as a module key (no "."), one to one."""
+    return name.replace("%", "%25").replace(".", "%2E")
+
+
+def _config_of(config: LoraConfig, modules: list) -> LoraConfig:
+    """The config a saved adapter carries: target_modules the list of modules it wraps (as PEFT writes
+    it), pattern keys kept only where they select one of them."""
+    import copy
+
+    cfg = copy.deepcopy(config)
+    cfg.target_modules = sorted(modules)
+    cfg.exclude_modules = cfg.modules_to_save = None
+    cfg.layers_to_transform = cfg.layers_pattern = None
+    for pname in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(cfg, pname)
+        for key in list(pattern):
+            if not any(cfg.pattern_key([key], m, pname) for m in modules):
+                del pattern[key]
+    return cfg
 
 
 def _batch_rows(args, kwargs) -> int:

@@ -7,10 +7,12 @@ DistributedDataParallel see them; it is served from them directly (no copy into 
 always resident. Every wrapped module adds, for the rows that name it, its update through
 pylora.ops.lora_multi, whose backward gives each adapter the gradient of its own rows only.
 
-Dropout seeds. In a training forward every wrapped module draws one number from torch's default CPU
-generator (whatever adapters the batch holds), and adapter k's seed is a mix of that draw and k's own
-salt: its masks do not depend on its neighbours, and torch.utils.checkpoint, which restores the
-generator before it recomputes a forward, recomputes the same masks.
+Dropout seeds. A training forward draws one number from torch's default CPU generator, whatever
+adapters the batch holds; adapter k's seed in module m mixes that draw, m's name and k's own salt. So
+its masks do not depend on its neighbours (adding or removing an adapter changes no other adapter's
+masks, nor how far the generator moves), and a recomputation under torch.utils.checkpoint, which reads
+the same forward's draw, recomputes the same masks. A module called twice in one forward gets the same
+masks both times.
 """
 from __future__ import annotations
 
@@ -43,6 +45,12 @@ def adapter_seed(draw: int, salt: int) -> int:
 def name_salt(name: str) -> int:
     """A stable salt from an adapter's name (the same in every process and run)."""
     return zlib.crc32(name.encode("utf-8"))
+
+
+def module_draw(step_draw: int, module: str) -> int:
+    """One module's share of a forward's draw: the same module gets the same number on every call of the
+    forward, recomputations included."""
+    return _splitmix64((step_draw & _M64) ^ zlib.crc32(module.encode("utf-8")))
 
 
 def draw_seed() -> int:
