@@ -15,7 +15,7 @@ from pylora.nn.inject import (ModulesToSave, get_config, inject, lora_layers, lo
                               mark_only_lora_trainable)
 from pylora.nn.layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 from pylora.nn.merge import merge, merge_and_unload, unload, unmerge
-from pylora.serve import MultiLoRA, PoolFullError
+from pylora.serve import MultiLoRA, PoolFullError, per_adapter_loss
 
 __version__ = "0.1.0"
 
@@ -23,4 +23,5 @@ __all__ = [
     "LoraConfig", "inject", "mark_only_lora_trainable", "lora_state_dict", "merge", "unmerge", "merge_and_unload",
     "unload", "get_config", "lora_layers", "ModulesToSave", "LoraLayer", "LoraLinear", "LoraEmbedding",
     "LoraConv2d", "ops", "save_adapter", "load_adapter", "AdapterError", "MultiLoRA", "PoolFullError",
+    "per_adapter_loss",
 ]

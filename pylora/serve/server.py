@@ -196,6 +196,7 @@ class ServedEmbedding(ServedLayer):
 class MultiLoRA(nn.Module):
     """Serves many LoRA adapters over one base model; see the module docstring.
 
+    The base model's parameters are frozen (requires_grad=False): only adapters train.
     capacity_rows: rank rows per wrapped module (default 1024: e.g. 64 adapters of rank 16);
     capacity_bytes: alternatively, the bytes each module's pool may take (rows follow from I + O);
     max_adapters: how many adapters may be resident on the device at once (slots).
@@ -212,6 +213,9 @@ class MultiLoRA(nn.Module):
         if capacity_rows is not None and capacity_bytes is not None:
             raise ValueError("MultiLoRA: give capacity_rows or capacity_bytes, not both")
         first = next(model.parameters())
+        # One frozen base: only adapters train (and only their gradients cross the wire under DDP).
+        for p in model.parameters():
+            p.requires_grad_(False)
         self.model = model
         self.dtype = dtype or first.dtype
         self.device = torch.device(device) if device is not None else first.device
@@ -283,6 +287,8 @@ class MultiLoRA(nn.Module):
                 self.pool.add_modules(new_pools)
                 for mname in new_pools:
                     current = self.model.get_submodule(mname)
+                    if isinstance(current, ServedLayer):  # wrapped for a trainable adapter already
+                        continue
                     cls = ServedEmbedding if isinstance(current, nn.Embedding) else ServedLayer
                     set_module(self.model, mname, cls(current, mname, self))
                     wrapped.append((mname, current))
