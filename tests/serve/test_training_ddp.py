@@ -23,7 +23,7 @@ WORKER = textwrap.dedent(r'''
 
     NAMES = ("a", "b", "c")
     CONFIGS = {"a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-               "b": dict(r=2, lora_alpha=2, target_modules=["o_proj", "down_proj"], lora_dropout=0.1),
+               "b": dict(r=2, lora_alpha=2, target_modules=["o_proj", "down_proj"]),
                "c": dict(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True)}
 
     def build():
