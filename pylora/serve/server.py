@@ -490,6 +490,8 @@ class MultiLoRA(nn.Module):
 
     @contextlib.contextmanager
     def _serving(self, adapter_names: Sequence, rows: int, training: bool = False):
+        """The batch of one forward, held while it runs. training (train mode, gradients enabled) makes it a
+        training batch when it names a trainable adapter: then it may name no frozen one."""
         if isinstance(adapter_names, (str, bytes)):
             raise ValueError(f"MultiLoRA: adapter_names={adapter_names!r} is a string; give one adapter name (or None) "
                              f"per row, e.g. adapter_names=[{adapter_names!r}] * {rows}")
@@ -507,12 +509,15 @@ class MultiLoRA(nn.Module):
             elif n not in self.pool.adapters:
                 raise ValueError(f"MultiLoRA: adapter_names[{i}]={n!r} is not loaded "
                                  f"(loaded: {', '.join(self.adapters) or 'none'})")
-            elif training:
-                raise ValueError(f"MultiLoRA: adapter_names[{i}]={n!r} is not trainable, and this is a training "
-                                 "batch (train mode, gradients enabled): a training batch names trainable adapters "
-                                 "or None; serve it under torch.no_grad() or after server.eval()")
             else:
                 wanted.add(n)
+        if training and trainable and wanted:
+            i, n = next((i, n) for i, n in enumerate(names) if n in wanted)
+            raise ValueError(f"MultiLoRA: adapter_names[{i}]={n!r} is not trainable, and this is a training batch "
+                             f"(train mode, gradients enabled, trainable adapters named: "
+                             f"{', '.join(sorted(trainable))}): a training batch names trainable adapters or None; "
+                             "serve the others under torch.no_grad() or after server.eval()")
+        training = training and bool(trainable)
         try:
             snap = self.pool.acquire(wanted)
         except KeyError as exc:  # unloaded by another thread between the check and the acquire
@@ -537,12 +542,11 @@ class MultiLoRA(nn.Module):
 
     def forward(self, *args, adapter_names: Sequence, **kwargs):
         """The model's forward with each row's adapter; every other argument goes to the model unchanged.
-        In training mode with gradients enabled it builds the graph: each row trains the (trainable) adapter
-        it names, with its dropout; otherwise it runs under torch.no_grad()."""
+        In train mode with gradients enabled, a batch that names trainable adapters builds the graph: each
+        row trains the adapter it names, with its dropout; every other batch runs under torch.no_grad()."""
         rows = _batch_rows(args, kwargs)
-        training = self.training and torch.is_grad_enabled()
-        with self._serving(adapter_names, rows, training=training):
-            if training:
+        with self._serving(adapter_names, rows, training=self.training and torch.is_grad_enabled()) as batch:
+            if batch.dropout:  # a training batch
                 return self.model(*args, **kwargs)
             with torch.no_grad():
                 return self.model(*args, **kwargs)

@@ -73,16 +73,16 @@ def joint_batch(names, step, extra_none=1):
     return torch.stack(ids), labels
 
 
-# Each adapter its own param group with its own learning rate. AdamW for runs of pylora's own kernels;
-# SGD with momentum against PEFT, whose different (equally valid) rounding AdamW would amplify: a
-# gradient equal within 5e-7 moves an AdamW trajectory by 3e-5 in three steps where g and sqrt(v) nearly
-# cancel, which says nothing about the gradients.
+# Each adapter its own param group with its own learning rate. SGD with momentum: AdamW's per-element
+# normalisation amplifies rounding differences where g and sqrt(v) nearly cancel (gradients equal within
+# 5e-7 drift 3e-5 to 2e-4 apart in three AdamW steps, depending on the BLAS kernel a thread count picks),
+# which says nothing about the gradients; AdamW itself is exercised in test_adamw_param_groups.
 LR = {"a": 1e-2, "b": 2e-2, "c": 5e-3, "d": 1.5e-2}
 OPTIMIZERS = {"adamw": lambda groups: torch.optim.AdamW(groups),
               "sgd": lambda groups: torch.optim.SGD(groups, momentum=0.9)}
 
 
-def train_joint(kind, dirs, schedule, steps, opt_name="adamw"):
+def train_joint(kind, dirs, schedule, steps, opt_name="sgd"):
     """schedule(step) -> the adapters in that step's batch; adapters are added when first scheduled and
     removed when no longer (their final parameters kept)."""
     server = pylora.MultiLoRA(BUILD[kind]())
@@ -130,7 +130,7 @@ def snapshot(server, name):
             for m in adapter.modules_}
 
 
-def train_alone_pylora(kind, directory, name, steps, opt_name="adamw"):
+def train_alone_pylora(kind, directory, name, steps, opt_name="sgd"):
     model = pylora.load_adapter(BUILD[kind](), directory)
     pylora.mark_only_lora_trainable(model)
     model.train()
@@ -176,13 +176,21 @@ def test_joint_training_equals_training_each_alone(kind, tmp_path):
     dirs = initial_adapters(kind, tmp_path, names)
     steps = 3
     joint, _ = train_joint(kind, dirs, lambda step: names, steps)
-    joint_sgd, _ = train_joint(kind, dirs, lambda step: names, steps, "sgd")
     for name in names:
         start = pylora.adapters.read_adapter(dirs[name])
         moved = max(rel_err(joint[name][m][1], start.modules[m].lora_B) for m in joint[name])
         assert moved > 1e-3, f"{name} did not train"
         assert_same_factors(joint[name], train_alone_pylora(kind, dirs[name], name, steps), f"{kind}/{name} pylora")
-        assert_same_factors(joint_sgd[name], train_alone_peft(kind, dirs[name], name, steps), f"{kind}/{name} PEFT")
+        assert_same_factors(joint[name], train_alone_peft(kind, dirs[name], name, steps), f"{kind}/{name} PEFT")
+
+
+def test_adamw_param_groups(tmp_path):
+    """AdamW with each adapter its own param group and learning rate: the same steps as training each
+    alone with AdamW, within the rounding AdamW amplifies."""
+    dirs = initial_adapters("llama", tmp_path, ["a", "b"])
+    joint, _ = train_joint("llama", dirs, lambda step: ["a", "b"], 3, "adamw")
+    for name in ("a", "b"):
+        assert_same_factors(joint[name], train_alone_pylora("llama", dirs[name], name, 3, "adamw"), name, rel=1e-3)
 
 
 def test_neighbours_coming_and_going_change_no_trajectory(tmp_path):
@@ -239,7 +247,8 @@ def test_bad_training_batches_change_nothing(tmp_path):
                            (["a", None], r"adapter_names has 2 entries, the batch has 3 rows"),
                            ("a", r"adapter_names='a' is a string"),
                            (["a", "frozen", None], r"adapter_names\[1\]='frozen' is not trainable, and this is a "
-                                                   r"training batch"),
+                                                   r"training batch \(train mode, gradients enabled, trainable "
+                                                   r"adapters named: a\)"),
                            (["gone", None, None], r"adapter_names\[0\]='gone' is not loaded")]:
         with pytest.raises(ValueError, match=message):
             server(input_ids=ids, adapter_names=names)
@@ -250,6 +259,7 @@ def test_bad_training_batches_change_nothing(tmp_path):
         server.adapter_parameters("frozen")
     with torch.no_grad():  # serving the frozen adapter beside the trainable one is fine
         server(input_ids=ids, adapter_names=["a", "frozen", None])
+    server(input_ids=ids, adapter_names=["frozen", None, None])  # and a batch of frozen ones is served, no graph
 
 
 def test_add_adapter_refusals_change_nothing():
