@@ -16,6 +16,7 @@ from torch import nn
 from pylora.nn.config import LoraConfig, names_module
 from pylora.nn.kinds import module_kind
 from pylora.nn.layers import LoraLayer, make_lora_layer
+from pylora.nn.targets import with_default_targets
 
 CONFIG_ATTR = "pylora_config"
 
@@ -147,15 +148,18 @@ def inject(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 
     Semantics: module m (nn.Linear, Conv1D, nn.Embedding or nn.Conv2d) named n with cfg.matches(n)
     becomes a LoRA layer around m with r = cfg.rank_for(n), alpha = cfg.alpha_for(n); modules named
-    in cfg.modules_to_save get a trainable copy. Everything is validated before the model changes:
-    nothing matched, an unsupported module type, a rank/alpha pattern key or modules_to_save entry
-    that matches nothing, or a model that already holds LoRA layers raise ValueError.
+    in cfg.modules_to_save get a trainable copy. cfg.target_modules=None takes PEFT's default for the
+    model's type (config.model_type; pylora.nn.targets), logged, and get_config(model) then returns a copy
+    of cfg with those targets. Everything is validated before the model changes: nothing matched, an
+    unsupported module type, a rank/alpha pattern key or modules_to_save entry that matches nothing, no
+    default for the model's type, or a model that already holds LoRA layers raise ValueError.
     """
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"inject: cfg must be a pylora.LoraConfig, got {type(cfg).__name__}")
     if get_config(model) is not None or any(True for _ in lora_layers(model)):
         raise ValueError("inject: the model already holds pylora LoRA layers; merge_and_unload() or unload() "
                          "it first")
+    cfg = with_default_targets(model, cfg)
     targets = target_names(model, cfg)
     if not targets:
         raise ValueError(f"inject: target_modules={cfg.target_modules!r} matched no module of "
