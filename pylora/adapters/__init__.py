@@ -6,10 +6,10 @@ from pylora.adapters.errors import AdapterError, AdapterWarning
 from pylora.adapters.fit import Fit, fit
 from pylora.adapters.format import Adapter, AdapterInspection, ModuleWeights
 from pylora.adapters.load import load_adapter
+from pylora.adapters.pretrained import is_transformers_model, save_pretrained
 from pylora.adapters.read import inspect_adapter, read_adapter, read_adapters
 from pylora.adapters.save import adapter_tensors, save_adapter
 from pylora.adapters.source import adapter_from_model, as_adapter
-from pylora.adapters.pretrained import is_transformers_model, save_pretrained
 from pylora.nn.inject import MODEL_METHODS
 
 # Every transformers model inject wraps saves its adapter through save_pretrained, as a PeftModel does

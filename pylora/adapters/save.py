@@ -159,7 +159,7 @@ def write_adapter(directory: Union[str, os.PathLike], config: dict, tensors: dic
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_atomic(os.path.join(directory, WEIGHTS_NAME),
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
     write_atomic(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text(tmp, text))
 

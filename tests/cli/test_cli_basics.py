@@ -68,7 +68,7 @@ def test_star_import_and_unknown_names():
     exec("from pylora import *", namespace)
     assert set(pylora.__all__) <= set(namespace)
     with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):
-        pylora.nonexistent  # noqa: B018
+        pylora.nonexistent
 
 
 def test_help_shows_defaults(capsys, monkeypatch):

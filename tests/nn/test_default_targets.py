@@ -73,7 +73,7 @@ def test_the_table_is_peft_s():
     pytest.importorskip("peft")
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as theirs
 
-    norm = lambda v: v if isinstance(v, str) else sorted(v)  # noqa: E731
+    norm = lambda v: v if isinstance(v, str) else sorted(v)
     ours = {k: norm(v) for k, v in DEFAULT_TARGET_MODULES.items()}
     theirs = {k: norm(v) for k, v in theirs.items()}
     assert ours == theirs, {"only pylora": sorted(ours.keys() - theirs.keys()),
