@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 # torch 2.14.1 is a CUDA 13.0 build; any torch >= 2.4 works (override: make TORCH=torch==2.6.0 test).
 TORCH ?= torch==2.14.1
 RUNTIME_DEPS := numpy safetensors tqdm regex ninja pybind11 setuptools wheel
-TEST_DEPS := pytest transformers peft
+TEST_DEPS := pytest transformers peft accelerate
 # The demo's model comes from transformers (a test dependency too); its figure and `pylora bench`'s
 # chart need matplotlib.
 DEMO_DEPS := matplotlib

@@ -127,6 +127,11 @@ def config_from_json(raw: dict, where: str) -> tuple[Optional[LoraConfig], list[
     mts = raw.get("modules_to_save")
     if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) and m for m in mts)):
         problems.append(f"{where}: modules_to_save={_short(mts)} must be a list of module names or null")
+    if raw.get("target_modules") is None:
+        # LoraConfig(target_modules=None) means "PEFT's default for the model's type", a choice made when a
+        # config meets a model; a file records the choice made (PEFT writes the list it chose).
+        problems.append(f"{where}: target_modules={_short(raw.get('target_modules'))} names no module; an adapter "
+                        "file must list the modules it targets (PEFT writes the list it chose)")
     r = raw.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         problems.append(f"{where}: r={_short(r)} must be an integer >= 1")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -61,14 +61,15 @@ def _embedding_tensors(model, cfg, save_embedding_layers, state) -> dict[str, to
 
 
 def adapter_tensors(model: nn.Module, save_embedding_layers: Union[bool, str] = "auto", *,
-                    check_finite: bool = True) -> dict[str, torch.Tensor]:
+                    check_finite: bool = True, state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """The tensors save_adapter writes, under PEFT's file keys (see pylora.adapters.format).
 
     Semantics: {"base_model.model." + key: CPU copy}: each LoRA layer's A [r, I] and B [O, r] (and
     lora_B bias), each modules_to_save copy's state_dict, the biases of cfg.bias, and the embedding
-    layers PEFT's save_embedding_layers rule picks. AdapterError for a model without an adapter, a
-    non-finite tensor (unless check_finite=False: the reader checks them then), or base tensors of a
-    merged layer (they hold the adapter then)."""
+    layers PEFT's save_embedding_layers rule picks. With `state_dict` (the model's own keys, e.g. one
+    gathered from FSDP or DeepSpeed shards), each tensor is taken from it where it has the key. AdapterError
+    for a model without an adapter, a non-finite tensor (unless check_finite=False: the reader checks them
+    then), or base tensors of a merged layer (they hold the adapter then)."""
     model = unwrap_model(model)
     cfg = get_config(model)
     if cfg is None:
@@ -104,6 +105,9 @@ def adapter_tensors(model: nn.Module, save_embedding_layers: Union[bool, str] = 
         if ".base_layer." in key and owner in merged:
             raise AdapterError(f"save_adapter: {key} would be written while layer {owner!r} is merged (its base "
                                "tensors hold the adapter); unmerge() first")
+    if state_dict is not None:
+        live_name = {id(t): k for k, t in state.items()}
+        out = {key: state_dict.get(live_name.get(id(t)), t) for key, t in out.items()}
     tensors = {}
     for key, t in out.items():
         t = t.detach()
@@ -154,10 +158,10 @@ def write_adapter(directory: Union[str, os.PathLike], config: dict, tensors: dic
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    _write_atomic(os.path.join(directory, WEIGHTS_NAME),
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(os.path.join(directory, WEIGHTS_NAME),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
-    _write_atomic(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text(tmp, text))
+    write_atomic(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text(tmp, text))
 
 
 def _write_text(path: str, text: str) -> None:
@@ -165,7 +169,9 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def _write_atomic(path: str, write) -> None:
+def write_atomic(path: str, write) -> None:
+    """Call write(tmp) for a temporary name beside `path`, then rename it to `path`: a reader never sees
+    half a file, and a failure leaves no temporary file."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         write(tmp)

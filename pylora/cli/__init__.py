@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # pylora.checkpoint.OUT_DTYPES' names, here without importing torch before the arguments are parsed.
@@ -17,6 +18,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, unless the default is None or False (nothing to
+    show) or the help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _command(module: str):
     return lambda args: importlib.import_module(f"pylora.cli.{module}").run(args)
 
@@ -24,9 +35,10 @@ def _command(module: str):
 def build_parser() -> argparse.ArgumentParser:
     from pylora.cli.merge import AdapterAction, WeightAction
 
-    parser = _Parser(prog="pylora", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="pylora", description="pylora: LoRA with compiled CPU and CUDA kernels. Train, merge "
+                                                "exactly, serve many adapters in one batch, PEFT's file format.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("info", help="versions, what the extension holds, the GPU, each op's backends; with "
+    p = sub.add_parser("info", formatter_class=_HelpFormatter, help="versions, what the extension holds, the GPU, each op's backends; with "
                                     "--adapter, what an adapter directory holds and the problems found")
     p.add_argument("--adapter", metavar="DIR", help="describe the PEFT adapter in DIR (no model needed)")
     p.add_argument("--adapter-name", metavar="NAME", help="the named adapter in DIR/NAME (PEFT's layout)")
@@ -34,25 +46,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read adapter_model.bin with torch.load(weights_only=True) when there is no safetensors")
     p.set_defaults(func=_command("info"))
 
-    p = sub.add_parser("demo", help="train adapters on synthetic tasks, serve them in one mixed batch, check exact "
-                                    "merge/unmerge, and report accuracy and throughput")
-    p.add_argument("--out", default="pylora-demo", help="output directory (default ./pylora-demo)")
-    p.add_argument("--model", default=None, help="a local transformers model directory instead of the built-in one")
-    p.add_argument("--steps", type=int, default=250, help="training steps per adapter")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the built-in model")
-    p.add_argument("--rows", type=int, default=8, help="rows per task and mode in the mixed batch")
-    p.add_argument("--reps", type=int, default=5, help="timed repeats of the mixed batch")
+    p = sub.add_parser("demo", formatter_class=_HelpFormatter,
+                       help="train adapters on synthetic tasks, serve them in one mixed batch, check exact "
+                            "merge/unmerge, and report accuracy and throughput",
+                       description="Train one adapter per synthetic task on a small causal language model, save "
+                                   "them in PEFT's format, serve them all in one mixed batch, check exact "
+                                   "merge/unmerge, and report accuracy and throughput (against PEFT when installed).")
+    p.add_argument("--out", default="pylora-demo", metavar="DIR",
+                   help="output directory for the adapters, results.json and demo.png")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a local transformers causal LM directory to use instead of the built-in model "
+                        "(default: a 2-layer Llama built from a config)")
+    p.add_argument("--steps", type=int, default=250, metavar="N", help="training steps per adapter")
+    p.add_argument("--hidden", type=int, default=128, metavar="H", help="hidden size of the built-in model")
+    p.add_argument("--rows", type=int, default=8, metavar="N", help="rows per task and mode in the mixed batch")
+    p.add_argument("--reps", type=int, default=5, metavar="N", help="timed repeats of the mixed batch")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_command("demo"))
 
     p = sub.add_parser("bench", help="run the benchmark suites (quick by default), print tables, write JSON and a chart")
-    p.add_argument("suite", nargs="?", default="all", choices=BENCH_SUITES)
+    p.add_argument("suite", nargs="?", default="all", choices=BENCH_SUITES,
+                   help="the suite to run: merge (merge/unmerge kernels), train (the LoRA layer and a model's training "
+                        "step), multi (many adapters in one batch: kernels and a model) or all of them (default: all)")
     p.add_argument("--full", action="store_true", help="the complete sweeps (long on a small CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default="bench-results", help="folder for the JSON and the chart")
+    p.add_argument("--out", default="bench-results", help="folder for the JSON and the chart (default: bench-results)")
     p.set_defaults(func=_command("bench"))
 
-    p = sub.add_parser("merge", help="merge PEFT adapters into a safetensors checkpoint, tensor by tensor",
+    p = sub.add_parser("merge", formatter_class=_HelpFormatter,
+                       help="merge PEFT adapters into a safetensors checkpoint, tensor by tensor",
                        description="Merge PEFT LoRA adapters into a transformers-style safetensors checkpoint "
                                    "(model.safetensors, or shards with model.safetensors.index.json), one tensor "
                                    "at a time: W += weight * scale * B A for each adapter in turn, accumulated in "
@@ -75,8 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        status = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here when the output was short
+        return status
+    except BrokenPipeError:
+        return _broken_pipe()
+
+
+def _broken_pipe() -> int:
+    """The reader of our output went away (`pylora info | head`): stop quietly, with the status a shell
+    gives a command that SIGPIPE ended (128 + 13), as C tools do. stdout now points to the null device, so
+    that Python's own flush at exit cannot raise the same error again (the recipe of Python's signal
+    documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured, replaced)
+        pass
+    return 141
 
 
 if __name__ == "__main__":

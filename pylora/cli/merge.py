@@ -1,5 +1,5 @@
-"""`pylora merge`: PEFT adapters merged into a safetensors checkpoint (pylora.checkpoint), every failure
-one line on stderr."""
+"""`pylora merge`: PEFT adapters merged into a safetensors checkpoint (pylora.checkpoint); a failure is
+reported on stderr, its first line "pylora merge: error: ...", then one line per problem."""
 from __future__ import annotations
 
 import argparse
@@ -64,16 +64,26 @@ def _merge(args) -> int:
     return 0
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    lines = [line[2:] if line.startswith("- ") else line for line in lines] or [type(exc).__name__]
-    text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+def _error_lines(exc: BaseException) -> list[str]:
+    """The error as lines: a headline, then each problem on its own line ("  - ..."), every one of them
+    (AdapterError and CheckpointError list them all in `problems`; their message may shorten the list)."""
+    problems = getattr(exc, "problems", None)
+    if isinstance(problems, list) and len(problems) > 1 and all(isinstance(p, str) for p in problems):
+        path = getattr(exc, "path", None)
+        lines = [f"{path}: {len(problems)} problems:" if path else f"{len(problems)} problems:"]
+        lines += [f"  - {' '.join(p.splitlines())}" for p in problems]
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        lines = lines[:1] + [f"  - {line.removeprefix('- ')}" for line in lines[1:]]
     expected = isinstance(exc, (ValueError, OSError))  # CheckpointError, AdapterError, SafetensorsError, I/O
-    return text if expected else f"{type(exc).__name__}: {text}"
+    if not expected:
+        lines[0] = f"{type(exc).__name__}: {lines[0]}"
+    return lines
 
 
 def run(args) -> int:
-    """Every failure as one line on stderr and a non-zero status (PYLORA_TRACEBACK=1 shows the traceback)."""
+    """Every failure on stderr, "pylora merge: error: " and a headline, then one line per problem, and a
+    non-zero status (PYLORA_TRACEBACK=1 shows the traceback)."""
     import os
     import signal
 
@@ -87,10 +97,12 @@ def run(args) -> int:
         print(f"pylora merge: {'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}; the output "
               "directory is as it was", file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else 143
+    except BrokenPipeError:
+        raise  # the reader of the summary went away; the output is complete (pylora.cli.main handles it)
     except Exception as exc:
         if os.environ.get("PYLORA_TRACEBACK"):
             raise
-        print(f"pylora merge: error: {_one_line(exc)}", file=sys.stderr)
+        print("pylora merge: error: " + "\n".join(_error_lines(exc)), file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

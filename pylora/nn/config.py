@@ -62,7 +62,8 @@ class LoraConfig:
     the output layer), is not excluded, and (with layers_to_transform) sits in a chosen layer, gets
     A [r, I] and B [O, r] with scale lora_alpha / r (lora_alpha / sqrt(r) with use_rslora).
     rank_pattern / alpha_pattern override r / lora_alpha for the modules their keys match (the
-    first key k for which the name matches "(.*\\.)?(k)$", as PEFT does).
+    first key k for which the name matches "(.*\\.)?(k)$", as PEFT does). target_modules=None means
+    PEFT's default for the model's type (pylora.nn.targets), chosen by inject when it sees the model.
     """
 
     r: int = 8
@@ -89,9 +90,8 @@ class LoraConfig:
         _positive_int("r", self.r)
         _positive_finite("lora_alpha", self.lora_alpha)
         if self.target_modules is None:
-            raise ValueError("LoraConfig: target_modules=None: name the modules to wrap (a list such as "
-                             "['q_proj', 'v_proj'], a full-match regex, or 'all-linear')")
-        if isinstance(self.target_modules, str):
+            pass  # PEFT's default for the model's type, chosen when the config meets a model (pylora.nn.targets)
+        elif isinstance(self.target_modules, str):
             if self.target_modules.lower() != ALL_LINEAR:
                 _regex("target_modules", self.target_modules)
         else:
@@ -186,9 +186,12 @@ class LoraConfig:
     def matches(self, key: str) -> bool:
         """Whether the module named `key` is a target (exclusions included), as PEFT decides it.
         With "all-linear" the caller resolves the list of linear layers first (inject does)."""
+        targets = self.target_modules
+        if targets is None:
+            raise ValueError("LoraConfig: target_modules=None selects no module by itself: the default for a "
+                             "model's type is chosen by inject (pylora.nn.targets.with_default_targets)")
         if self.is_excluded(key) or self.is_saved_module(key):
             return False
-        targets = self.target_modules
         if isinstance(targets, str):
             return patterns.fullmatch("target_modules", targets, key)
         if key in targets:

@@ -2,13 +2,16 @@
 
 inject(model, cfg) wraps every module cfg targets in place; mark_only_lora_trainable freezes the rest;
 lora_state_dict returns just the adapter; target_names says which modules a config selects, over
-plain_modules, the view of a model as it was before any wrapping.
+plain_modules, the view of a model as it was before any wrapping. An injected model loads a state dict
+holding only its adapter's tensors without calling the base model missing (adapter_keys), and gains the
+methods the layers above register in MODEL_METHODS (pylora.adapters: transformers' save_pretrained).
 """
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -16,8 +19,18 @@ from torch import nn
 from pylora.nn.config import LoraConfig, names_module
 from pylora.nn.kinds import module_kind
 from pylora.nn.layers import LoraLayer, make_lora_layer
+from pylora.nn.targets import with_default_targets
 
 CONFIG_ATTR = "pylora_config"
+METHODS_ATTR = "_pylora_methods"  # the names of the MODEL_METHODS installed on a model
+_HOOKS_ATTR = "_pylora_state_hooks"  # set once the load_state_dict hooks are registered
+_LOAD_PREFIX_ATTR = "_pylora_load_prefix"  # from the pre-hook to the post-hook of one load_state_dict
+
+# Methods an injected model gains, by name: (applies(model) -> bool, function(model, *args, **kwargs)).
+# inject installs each that applies on the model itself (an instance attribute, found before the class's
+# method), unload and merge_and_unload remove them. The layers above fill this in (imports go downward):
+# pylora.adapters registers save_pretrained for transformers models, which writes PEFT's adapter files.
+MODEL_METHODS: dict[str, tuple[Callable[[nn.Module], bool], Callable]] = {}
 
 
 class ModulesToSave(nn.Module):
@@ -147,15 +160,18 @@ def inject(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 
     Semantics: module m (nn.Linear, Conv1D, nn.Embedding or nn.Conv2d) named n with cfg.matches(n)
     becomes a LoRA layer around m with r = cfg.rank_for(n), alpha = cfg.alpha_for(n); modules named
-    in cfg.modules_to_save get a trainable copy. Everything is validated before the model changes:
-    nothing matched, an unsupported module type, a rank/alpha pattern key or modules_to_save entry
-    that matches nothing, or a model that already holds LoRA layers raise ValueError.
+    in cfg.modules_to_save get a trainable copy. cfg.target_modules=None takes PEFT's default for the
+    model's type (config.model_type; pylora.nn.targets), logged, and get_config(model) then returns a copy
+    of cfg with those targets. Everything is validated before the model changes: nothing matched, an
+    unsupported module type, a rank/alpha pattern key or modules_to_save entry that matches nothing, no
+    default for the model's type, or a model that already holds LoRA layers raise ValueError.
     """
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"inject: cfg must be a pylora.LoraConfig, got {type(cfg).__name__}")
     if get_config(model) is not None or any(True for _ in lora_layers(model)):
         raise ValueError("inject: the model already holds pylora LoRA layers; merge_and_unload() or unload() "
                          "it first")
+    cfg = with_default_targets(model, cfg)
     targets = target_names(model, cfg)
     if not targets:
         raise ValueError(f"inject: target_modules={cfg.target_modules!r} matched no module of "
@@ -190,7 +206,75 @@ def inject(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     for name, wrapper in new_saved.items():
         set_module(model, name, wrapper)
     object.__setattr__(model, CONFIG_ATTR, cfg)
+    _install(model)
     return model
+
+
+class _ModelMethod:
+    """function(model, ...) as an attribute of the model. Unlike a bound method, it stays bound to the right
+    model through pickle (torch.save of a whole model: a bound method is rebuilt by getattr before the
+    model's __dict__ is back, and would find the class's method) and deepcopy (bound to the copy); and it
+    holds the model weakly, so that `del model` frees it at once, with no reference cycle to wait for."""
+
+    def __init__(self, function: Callable, model: nn.Module):
+        self.__func__, self._model = function, weakref.ref(model)
+        self.__name__, self.__doc__ = function.__name__, function.__doc__
+
+    @property
+    def __self__(self) -> nn.Module:
+        return self._model()
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self._model(), *args, **kwargs)
+
+    def __getstate__(self):
+        return {"function": self.__func__, "model": self._model()}
+
+    def __setstate__(self, state):
+        self.__init__(state["function"], state["model"])
+
+    def __repr__(self):
+        return f"<pylora method {self.__name__} of {type(self._model()).__name__}>"
+
+
+def _install(model: nn.Module) -> None:
+    installed = []
+    for name, (applies, function) in MODEL_METHODS.items():
+        if applies(model):
+            object.__setattr__(model, name, _ModelMethod(function, model))
+            installed.append(name)
+    object.__setattr__(model, METHODS_ATTR, tuple(installed))
+    if not vars(model).get(_HOOKS_ATTR):  # once per model: the hooks do nothing while it holds no adapter
+        model.register_load_state_dict_pre_hook(_note_load_prefix)
+        model.register_load_state_dict_post_hook(_base_not_missing_for_adapter_state)
+        object.__setattr__(model, _HOOKS_ATTR, True)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove what inject installed on `model` (the model holding the config): its MODEL_METHODS."""
+    for name in vars(model).pop(METHODS_ATTR, ()):
+        vars(model).pop(name, None)
+
+
+def _note_load_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs) -> None:
+    if vars(module).get(CONFIG_ATTR) is not None:
+        object.__setattr__(module, _LOAD_PREFIX_ATTR, prefix)
+
+
+def _base_not_missing_for_adapter_state(module, incompatible_keys) -> None:
+    """After load_state_dict of an injected model: when the state dict held adapter tensors and no base
+    tensor at all (an adapter state dict: Trainer's resume, lora_state_dict), the base's keys are not
+    reported missing (strict=True then passes); adapter keys it lacked still are. Any other state dict is
+    reported as torch reports it."""
+    prefix = vars(module).pop(_LOAD_PREFIX_ATTR, None)
+    if prefix is None or vars(module).get(CONFIG_ATTR) is None:
+        return
+    adapter = {prefix + k for k in adapter_keys(module)}
+    base = {prefix + k for k in module.state_dict(keep_vars=True)} - adapter
+    missing = set(incompatible_keys.missing_keys)
+    if base and base <= missing and not adapter <= missing:
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in base]
 
 
 def mark_only_lora_trainable(model: nn.Module, bias: Optional[str] = None) -> nn.Module:
@@ -217,6 +301,16 @@ def mark_only_lora_trainable(model: nn.Module, bias: Optional[str] = None) -> nn
 def _is_adapter_param(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf in ("lora_A", "lora_B", "lora_B_bias") or ".trained_module." in f".{name}"
+
+
+def adapter_keys(model: nn.Module) -> list[str]:
+    """The keys of model.state_dict() that hold the adapter, in its order: lora_state_dict's parameters and
+    the buffers of the modules_to_save copies; everything else is the base model's."""
+    keys = set(lora_state_dict(model))
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            keys.update(f"{name}.trained_module.{k}" for k in module.trained_module.state_dict(keep_vars=True))
+    return [k for k in model.state_dict(keep_vars=True) if k in keys]
 
 
 def lora_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pylora.nn.inject import CONFIG_ATTR, ModulesToSave, lora_layers, set_module, unwrap_model
+from pylora.nn.inject import CONFIG_ATTR, ModulesToSave, lora_layers, set_module, uninstall, unwrap_model
 
 
 def _named_error(name: str, exc: Exception) -> Exception:
@@ -61,6 +61,7 @@ def _replace_all(model: nn.Module, merge_first: bool) -> nn.Module:
     inner = unwrap_model(model)  # the config lives on the model inside DDP / torch.compile wrappers
     if CONFIG_ATTR in vars(inner):
         object.__delattr__(inner, CONFIG_ATTR)
+    uninstall(inner)  # e.g. save_pretrained is transformers' own again: a plain model saves whole
     return model
 
 

@@ -1,7 +1,7 @@
 """`pylora merge` through real subprocesses: PEFT adapters merged into safetensors checkpoints, compared
 tensor by tensor with PEFT's merge_and_unload() saved with save_pretrained and loaded back by
-transformers with the same logits; every error one line on stderr with a non-zero status and no output
-left behind; the inputs unchanged (checksums)."""
+transformers with the same logits; every error on stderr (its first line "pylora merge: error: ...", then
+one line per problem) with a non-zero status and no output left behind; the inputs unchanged (checksums)."""
 import json
 import os
 import warnings
@@ -14,6 +14,7 @@ from pylora import cli
 from tests.checkpoint.workspace import (SHARD, assert_inputs_unchanged, assert_logits_close, assert_matches,
                                         assert_one_line_error, load_causal_lm, logits, run_merge, save_peft_merge,
                                         tensors)
+from tests.cli.errors import assert_merge_error
 
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -109,8 +110,11 @@ def test_error_broken_adapter(merge_inputs, tmp_path):
     (broken / "adapter_config.json").write_text(json.dumps(config))
     (broken / "adapter_model.safetensors").write_bytes((merge_inputs.root / "a1" / "adapter_model.safetensors").read_bytes())
     proc = run_merge("--base", merge_inputs.llama, "--adapter", broken, "--out", tmp_path / "out")
-    line = assert_one_line_error(proc, str(broken), "adapter_config.json gives module", "r=8")
-    assert "problems:" in line  # every problem AdapterError found, on the one line
+    # Every problem AdapterError found (rank 4 in the file, r=8 in the config, for each of the four modules
+    # that rank_pattern leaves at r), one per line, after the headline naming the adapter.
+    lines = assert_merge_error(proc, "adapter_config.json gives module", "r=8", problems=4)
+    assert lines[0] == f"pylora merge: error: {broken}: 4 problems:"
+    assert all(str(broken) in line and "has rank 4" in line and "r=8" in line for line in lines[1:])
     assert not (tmp_path / "out").exists()
 
 def test_error_adapter_targets_a_module_the_checkpoint_lacks(merge_inputs, tmp_path):
@@ -121,10 +125,13 @@ def test_error_adapter_targets_a_module_the_checkpoint_lacks(merge_inputs, tmp_p
     save_file({k.replace("layers.1.", "layers.7."): v for k, v in sd.items()}, moved / "adapter_model.safetensors",
               metadata={"format": "pt"})
     proc = run_merge("--base", merge_inputs.llama, "--adapter", moved, "--out", tmp_path / "out")
-    assert_one_line_error(proc, str(moved), "'model.layers.7.self_attn.k_proj'",
-                          "the checkpoint has no tensor 'model.layers.7.self_attn.k_proj.weight'", "4 problems",
-                          # and what the config targets in layer 1 now has no factors
-                          "is missing: the config targets module 'model.layers.1.self_attn.k_proj'")
+    lines = assert_merge_error(proc, str(moved), "'model.layers.7.self_attn.k_proj'",
+                               "the checkpoint has no tensor 'model.layers.7.self_attn.k_proj.weight'",
+                               # and what the config targets in layer 1 now has no factors
+                               "is missing: the config targets module 'model.layers.1.self_attn.k_proj'", problems=4)
+    assert lines[0] == "pylora merge: error: 4 problems:"
+    assert sum("the checkpoint has no tensor 'model.layers.7." in line for line in lines) == 2
+    assert sum("is missing: the config targets module 'model.layers.1." in line for line in lines) == 2
     assert not (tmp_path / "out").exists()
 
 def test_error_existing_output_without_overwrite(merge_inputs, tmp_path):

@@ -36,7 +36,6 @@ def weights_bits(model):
     ({"bias": "some"}, r"bias='some' must be one of 'none', 'all', 'lora_only'"),
     ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' is not supported"),
     ({"use_dora": True}, r"use_dora=True is not supported"),
-    ({"target_modules": None}, r"target_modules=None"),
     ({"target_modules": "q_proj("}, r"target_modules='q_proj\(' is not a valid regular expression"),
     ({"target_modules": []}, r"target_modules=\[\] must be a non-empty list"),
     ({"rank_pattern": {"v_proj": 0}}, r"rank_pattern\['v_proj'\]=0 must be an integer >= 1"),
