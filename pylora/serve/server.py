@@ -45,6 +45,7 @@ from pylora.nn.config import LoraConfig
 from pylora.nn.inject import plain_modules, plain_state, set_module, target_names
 from pylora.nn.kinds import features, module_kind
 from pylora.nn.layers import LoraLayer
+from pylora.nn.targets import with_default_targets
 from pylora.serve.batch import segments
 from pylora.serve.training import TrainableAdapter, adapter_seed, draw_seed, module_draw
 from pylora.serve.pool import AdapterPool, HostAdapter, ModulePool
@@ -330,6 +331,7 @@ class MultiLoRA(nn.Module):
             if getattr(config, field) not in (off, [] if off is None else off):
                 raise ValueError(f"MultiLoRA.add_adapter({name!r}): {field}={getattr(config, field)!r} is not "
                                  f"supported; trainable adapters hold LoRA factors only ({field} must be {off!r})")
+        config = with_default_targets(self.model, config, caller=f"MultiLoRA.add_adapter({name!r})")
         targets = target_names(self.model, config)
         if not targets:
             raise ValueError(f"MultiLoRA.add_adapter({name!r}): target_modules={config.target_modules!r} matches no "
