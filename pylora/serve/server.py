@@ -30,7 +30,7 @@ from pylora.nn.inject import plain_state, set_module
 from pylora.nn.kinds import features
 from pylora.nn.layers import LoraLayer
 from pylora.serve.batch import segments
-from pylora.serve.pool import AdapterPool, HostAdapter, ModulePool
+from pylora.serve.pool import AdapterPool, AdapterUnloaded, HostAdapter, ModulePool
 
 
 class _Batch:
@@ -220,20 +220,34 @@ class MultiLoRA(nn.Module):
             self.load_adapter(name, source)
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter; batches already running finish with it, later batches cannot name it."""
-        if name not in self.pool.adapters:
-            raise KeyError(f"MultiLoRA.unload_adapter: no adapter named {name!r} is loaded "
-                           f"(loaded: {', '.join(self.adapters) or 'none'})")
-        self.pool.remove(name)
+        """Forget an adapter; batches already running finish with it, later batches cannot name it, and
+        a batch or pin waiting to make it resident fails (changing nothing)."""
+        self._known(name, "unload_adapter")
+        try:
+            self.pool.remove(name)
+        except KeyError:  # unloaded by another thread since the check
+            self._known(name, "unload_adapter")
+            raise
 
     def pin(self, name: str) -> None:
-        """Keep an adapter resident on the device (never evicted)."""
+        """Keep an adapter resident on the device (never evicted). Making it resident may evict others,
+        or raise PoolFullError when it cannot fit beside the pinned ones; then nothing changed."""
         self._known(name, "pin")
-        self.pool.pin(name, True)
+        try:
+            self.pool.pin(name, True)
+        except AdapterUnloaded as exc:
+            raise KeyError(f"MultiLoRA.pin: {exc}") from None
+        except KeyError:
+            self._known(name, "pin")
+            raise
 
     def unpin(self, name: str) -> None:
         self._known(name, "unpin")
-        self.pool.pin(name, False)
+        try:
+            self.pool.pin(name, False)
+        except KeyError:
+            self._known(name, "unpin")
+            raise
 
     @property
     def adapters(self) -> list:
@@ -285,6 +299,9 @@ class MultiLoRA(nn.Module):
 
     @contextlib.contextmanager
     def _serving(self, adapter_names: Sequence, rows: int):
+        if isinstance(adapter_names, (str, bytes)):
+            raise ValueError(f"MultiLoRA: adapter_names={adapter_names!r} is a string; give one adapter name (or None) "
+                             f"per row, e.g. adapter_names=[{adapter_names!r}] * {rows}")
         names = list(adapter_names)
         if len(names) != rows:
             raise ValueError(f"MultiLoRA: adapter_names has {len(names)} entries, the batch has {rows} rows "
@@ -299,12 +316,10 @@ class MultiLoRA(nn.Module):
             wanted.add(n)
         try:
             snap = self.pool.acquire(wanted)
-        except KeyError as exc:  # unloaded by another thread between the check and the acquire
-            raise ValueError(f"MultiLoRA: adapter {exc.args[0]!r} was unloaded while this batch started") from None
+        except AdapterUnloaded as exc:  # by another thread, since the check above or while it waited
+            raise ValueError(f"MultiLoRA: {exc}") from None
         try:
-            missing = [n for n in wanted if n not in snap.slots]
-            if missing:
-                raise ValueError(f"MultiLoRA: adapter {missing[0]!r} was unloaded while this batch started")
+            # acquire() publishes every adapter it makes resident before it returns: all are in snap.
             batch = _Batch(snap, [snap.slots[n] if n is not None else -1 for n in names], self.pool.max_slots)
             previous = self._batch()
             self._local.batch = batch
@@ -316,7 +331,12 @@ class MultiLoRA(nn.Module):
             self.pool.release(snap)
 
     def forward(self, *args, adapter_names: Sequence, **kwargs):
-        """The model's forward with each row's adapter; every other argument goes to the model unchanged."""
+        """The model's forward with each row's adapter; every other argument goes to the model unchanged.
+
+        adapter_names: one adapter name, or None for the base model, per row (a list, not a string).
+        Raises ValueError (adapter_names malformed, or naming an adapter that is not loaded or was
+        unloaded while the batch waited for room) or PoolFullError (the adapters cannot be resident
+        together beside the pinned ones); then the server is exactly as it was."""
         rows = _batch_rows(args, kwargs)
         with self._serving(adapter_names, rows), torch.no_grad():
             return self.model(*args, **kwargs)
