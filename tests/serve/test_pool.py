@@ -427,6 +427,23 @@ def test_pin_of_the_wanted_adapter_while_the_acquire_waits(adapters, expected):
     assert server.pool.adapters["c"].pinned
 
 
+def test_rows_pending_behind_a_batch_are_waited_for_not_evicted_around(adapters, expected):
+    # b's rows are pending behind the held batch once b is unloaded; d waits for them rather than
+    # evicting c too (rows evicted now would come free no sooner).
+    server, _ = full_rank4(adapters, capacity_rows=12)
+    server.load_adapter("d", make_adapter(seed=11))
+    logits(server, ["c"])
+    cond = watched(server)
+    held = Held(server, ["a"])
+    server.unload_adapter("b")
+    wait = Call(lambda: logits(server, ["d"] * 3), "waiter")
+    cond.wait_for_waiter(wait.thread)
+    assert server.resident_adapters() == ["a", "c"]
+    held.release()
+    wait.join()
+    check_pool(server, ["a", "c", "d"], ["a", "c", "d"])
+
+
 @pytest.mark.parametrize("second", ["b", "c"])
 def test_a_second_change_waits_for_the_first(adapters, expected, second):
     # The first waiter evicted b for c; the second needs a change too (b back: it evicts a, the least
