@@ -47,8 +47,8 @@ from pylora.nn.kinds import features, module_kind
 from pylora.nn.layers import LoraLayer
 from pylora.nn.targets import with_default_targets
 from pylora.serve.batch import segments
+from pylora.serve.pool import AdapterPool, AdapterUnloaded, HostAdapter, ModulePool
 from pylora.serve.training import TrainableAdapter, adapter_seed, draw_seed, module_draw
-from pylora.serve.pool import AdapterPool, HostAdapter, ModulePool
 
 
 class _Batch:
@@ -303,7 +303,7 @@ class MultiLoRA(nn.Module):
         for message in f.notes:
             warnings.warn(f"MultiLoRA.load_adapter({name!r}): {message}", AdapterWarning, stacklevel=2)
         if pin:
-            self.pool.pin(name)
+            self.pin(name)
 
     def load_adapters(self, sources: dict, *, progress: Optional[bool] = None) -> None:
         """Load several adapters ({name: source}), showing progress on a terminal."""
@@ -411,26 +411,40 @@ class MultiLoRA(nn.Module):
         return str(directory)
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter; batches already running finish with it, later batches cannot name it."""
+        """Forget an adapter; batches already running finish with it, later batches cannot name it, and
+        a batch or pin waiting to make it resident fails (changing nothing)."""
         if self._trainable(name) is not None:
             with self._load_lock:
                 del self.trainable_adapters[_escape(name)]
                 self._configs.pop(name, None)
             return
-        if name not in self.pool.adapters:
-            raise KeyError(f"MultiLoRA.unload_adapter: no adapter named {name!r} is loaded "
-                           f"(loaded: {', '.join(self.adapters) or 'none'})")
-        self.pool.remove(name)
+        self._known(name, "unload_adapter")
+        try:
+            self.pool.remove(name)
+        except KeyError:  # unloaded by another thread since the check
+            self._known(name, "unload_adapter")
+            raise
         self._configs.pop(name, None)
 
     def pin(self, name: str) -> None:
-        """Keep an adapter resident on the device (never evicted)."""
+        """Keep an adapter resident on the device (never evicted). Making it resident may evict others,
+        or raise PoolFullError when it cannot fit beside the pinned ones; then nothing changed."""
         self._known(name, "pin")
-        self.pool.pin(name, True)
+        try:
+            self.pool.pin(name, True)
+        except AdapterUnloaded as exc:
+            raise KeyError(f"MultiLoRA.pin: {exc}") from None
+        except KeyError:
+            self._known(name, "pin")
+            raise
 
     def unpin(self, name: str) -> None:
         self._known(name, "unpin")
-        self.pool.pin(name, False)
+        try:
+            self.pool.pin(name, False)
+        except KeyError:
+            self._known(name, "unpin")
+            raise
 
     @property
     def adapters(self) -> list:
@@ -522,12 +536,10 @@ class MultiLoRA(nn.Module):
         training = training and bool(trainable)
         try:
             snap = self.pool.acquire(wanted)
-        except KeyError as exc:  # unloaded by another thread between the check and the acquire
-            raise ValueError(f"MultiLoRA: adapter {exc.args[0]!r} was unloaded while this batch started") from None
+        except AdapterUnloaded as exc:  # by another thread, since the check above or while it waited
+            raise ValueError(f"MultiLoRA: {exc}") from None
         try:
-            missing = [n for n in wanted if n not in snap.slots]
-            if missing:
-                raise ValueError(f"MultiLoRA: adapter {missing[0]!r} was unloaded while this batch started")
+            # acquire() publishes every adapter it makes resident before it returns: all are in snap.
             batch = _Batch(snap, [snap.slots[n] if n in wanted else -1 for n in names], self.pool.max_slots,
                            row_trainable=[n if n in trainable else None for n in names], trainable=trainable,
                            step_draw=draw_seed() if training else 0, dropout=training)
@@ -545,7 +557,12 @@ class MultiLoRA(nn.Module):
     def forward(self, *args, adapter_names: Sequence, **kwargs):
         """The model's forward with each row's adapter; every other argument goes to the model unchanged.
         In train mode with gradients enabled, a batch that names trainable adapters builds the graph: each
-        row trains the adapter it names, with its dropout; every other batch runs under torch.no_grad()."""
+        row trains the adapter it names, with its dropout; every other batch runs under torch.no_grad().
+
+        adapter_names: one adapter name, or None for the base model, per row (a list, not a string).
+        Raises ValueError (adapter_names malformed, or naming an adapter that is not loaded or was
+        unloaded while the batch waited for room) or PoolFullError (the adapters cannot be resident
+        together beside the pinned ones); then the server is exactly as it was."""
         rows = _batch_rows(args, kwargs)
         with self._serving(adapter_names, rows, training=self.training and torch.is_grad_enabled()) as batch:
             if batch.dropout:  # a training batch

@@ -5,7 +5,6 @@ Each adapter's parameters after several AdamW steps equal those of training it a
 different ranks, alphas, rsLoRA and targets; neighbours coming and going change no adapter's trajectory
 (dropout included); rows of no adapter contribute nothing; bad batches change nothing; saved adapters
 load in PEFT and pylora; activation checkpointing and bf16 autocast train as plain fp32 does."""
-import copy
 import warnings
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 import pylora
 from pylora.serve.training import per_adapter_loss
 from tests.helpers import rel_err
-from tests.models import VOCAB, copy_lora_into_peft, gpt2, llama
+from tests.models import VOCAB, gpt2, llama
 
 peft = pytest.importorskip("peft")
 
