@@ -346,10 +346,21 @@ def _dropped(x, keep, dropout_p):
     return torch.where(keep, x * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _seed_value(op, seed) -> int:
+    """The ops take the seed as a one-element int64 CPU tensor (the kernels' message); the twin also an int."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+            raise _value_error(op, f"seed must be a one-element int64 tensor on the CPU, got "
+                                   f"{_dtype_name(seed.dtype)} of shape {_shape(seed)} on {seed.device}")
+        return int(seed)
+    return int(seed)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out):
     """Reference of torch.ops.pylora.lora_linear -> (y, h); plain torch, differentiable by autograd."""
     T, I, _, _ = _check_lora_linear("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p,
                                     fan_in_fan_out)
+    seed = _seed_value("lora_linear", seed)
     dx = _dropped(x, dropout_keep(seed, T, I, dropout_p, x.device), dropout_p) if dropout_p > 0 else x
     h = dx @ lora_A.t()
     w_io = weight if fan_in_fan_out else weight.t()
@@ -361,6 +372,7 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p,
     """Reference of torch.ops.pylora.lora_linear_backward -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)."""
     op = "lora_linear_backward"
     T, I, O, r = _check_lora_linear(op, x, weight, None, lora_A, lora_B, scale, dropout_p, fan_in_fan_out)
+    seed = _seed_value(op, seed)
     _check_lora_linear_grads(op, T, O, r, x, grad_y, h)
     need_x, need_w, need_b, need_A, need_B = (bool(m) for m in output_mask)
     out = [x.new_empty(0) for _ in range(5)]
