@@ -426,7 +426,7 @@ class Timer:
                 samples[n].extend(this[n])
             rounds.append(this)
             counts = [len(samples[n]) for n in names]
-            if min(counts) >= min_reps and all(Stats.of(samples[n]).rel_ci <= target for n in names):
+            if min(counts) >= max(min_reps, MIN_SAMPLES) and all(Stats.of(samples[n]).rel_ci <= target for n in names):
                 stopped = "converged"
                 break
             if len(rounds) >= max_reps and min(counts) >= MIN_SAMPLES:
