@@ -19,11 +19,15 @@ Report. The rules it enforces, and why:
   call, and CUDA graphs for launch-bound sizes (a suite names the methods to capture).
 - The limits (copy bandwidth by copy_ into a preallocated buffer, never a fresh clone, whose page
   faults would be timed; read bandwidth; matmul throughput per dtype) are measured in the same run,
-  through the same Timer, and the best of their samples sets the floors: a floor is a lower bound.
+  through the same Timer, at the start and again briefly after every case (Limits.refresh), and the
+  best of all their samples sets the floors: a floor is a lower bound, and limits probed only at a
+  busy moment would set it too high.
 - A result that beats its floor, a model that beats its own base model, or a ratio its definition
-  does not allow is a bug in the benchmark: Checks collects such failures, Report.finish writes the
-  JSON beside the requested path as <name>.failed.json and raises SanityError, and the suite exits
-  with status EXIT_SANITY.
+  does not allow is a bug in the benchmark. Floors are compared with medians (more than half the
+  samples under a true floor is impossible); a model and its base with the per-round ratio's 95%
+  interval (Measurement.ratio), so noise cannot fail the check and a model faster round after round
+  does. Checks collects such failures, Report.finish writes the JSON beside the requested path as
+  <name>.failed.json and raises SanityError, and the suite exits with status EXIT_SANITY.
 """
 from __future__ import annotations
 
@@ -179,6 +183,11 @@ class Measurement:
         """Per round, the median of a's samples minus the median of b's: a's extra cost over b, paired
         within rounds so that load shared by both cancels."""
         return Stats.of(statistics.median(r[a]) - statistics.median(r[b]) for r in self.rounds)
+
+    def ratio(self, a: str, b: str) -> Stats:
+        """Per round, the median of a's samples over the median of b's: a's time as a multiple of b's,
+        paired within rounds so that load shared by both cancels."""
+        return Stats.of(statistics.median(r[a]) / statistics.median(r[b]) for r in self.rounds)
 
     @property
     def stable(self) -> bool:
@@ -339,7 +348,7 @@ class Timer:
                 setup: Mapping[str, Callable[[int], object]] | None = None, flush: bool | None = None,
                 graph: Iterable[str] = (), graph_calls: int = 8, self_timed: bool = False,
                 budget_s: float | None = None, min_reps: int | None = None, max_reps: int | None = None,
-                target_ci: float | None = None) -> Measurement:
+                target_ci: float | None = None, warmup: int | None = None) -> Measurement:
         """Time every fns[name](k) in interleaved rounds (see the class docstring).
 
         setup[name](k), untimed, runs before each call of that method (restore a weight, copy a cache).
@@ -348,6 +357,7 @@ class Timer:
         graph_calls consecutive calls, each sample then being one replay over graph_calls (launch-bound
         sizes; ignored on the CPU; a method that cannot be captured is timed plainly and says why).
         self_timed: each fn returns its own seconds (a subprocess that times itself); nothing is timed here.
+        budget_s, min_reps, max_reps, target_ci, warmup: this call's own values instead of the Timer's.
         """
         if not fns:
             raise ValueError("Timer.measure: no methods")
@@ -402,14 +412,14 @@ class Timer:
 
         t_start = time.monotonic()
         warm = {n: [] for n in names}
-        for _ in range(self.warmup):
+        for _ in range(self.warmup if warmup is None else warmup):
             order = names[:]
             self._rng.shuffle(order)
             for n in order:
                 warm[n].append(one(n))
         self.sync()
         inner = {n: 1 for n in names}
-        if self.warmup and not self_timed and len(names) > 1:
+        if any(warm.values()) and not self_timed and len(names) > 1:
             typical = {n: max(statistics.median(warm[n]), 1e-9) for n in names}
             slowest = max(typical.values())
             inner = {n: max(1, min(self.max_inner, int(0.25 * slowest / typical[n]))) for n in names}
@@ -463,6 +473,26 @@ class Limits:
     copy_bytes: int
     matmul_n: int
     stats: dict = field(default_factory=dict)
+    refreshes: int = 0
+    probes: dict = field(default_factory=dict, repr=False)  # the probe methods over their preallocated buffers
+
+    def absorb(self, m: Measurement):
+        """Raise each limit to the best of m's samples of the probes (a floor must stay a lower bound)."""
+        flops = 2.0 * self.matmul_n ** 3
+        self.copy_Bps = max(self.copy_Bps, 2 * self.copy_bytes / m["copy"].min)
+        self.read_Bps = max(self.read_Bps, self.copy_bytes / m["read"].min)
+        for k in self.matmul:
+            self.matmul[k] = max(self.matmul[k], flops / m[f"matmul_{k}"].min)
+
+    def refresh(self, timer: "Timer", budget_s: float = 0.25):
+        """Probe the limits again, briefly, and keep the best: a suite calls this right after each case's
+        rounds, so the floors it then computes include samples taken under the load that case ran under
+        (a shared machine's load changes; limits probed once, at a busy moment, set floors too high)."""
+        if not self.probes:
+            return
+        self.absorb(timer.measure(self.probes, flush=False, budget_s=budget_s, min_reps=MIN_SAMPLES, target_ci=1.0,
+                                  warmup=0))
+        self.refreshes += 1
 
     def bandwidth(self) -> float:
         """The bandwidth floors use: the faster of copy (read + write) and read-only, so a kernel that
@@ -484,9 +514,10 @@ class Limits:
              "floor_bandwidth_GBps": self.bandwidth() / 1e9,
              "matmul_TFLOPs": {k: v / 1e12 for k, v in self.matmul.items()},
              "matmul_TFLOPs_median": {k: v / 1e12 for k, v in self.matmul_median.items()},
-             "copy_bytes": self.copy_bytes, "matmul_n": self.matmul_n,
+             "copy_bytes": self.copy_bytes, "matmul_n": self.matmul_n, "refreshes": self.refreshes,
              "how": "copy_ into a preallocated buffer (read + write bytes), sum of the same buffer (read bytes), "
-                    "mm into a preallocated output; best and median of interleaved samples",
+                    "mm into a preallocated output; interleaved samples at the start (their median) and after "
+                    "every case (refreshes); the best of all of them",
              "samples": self.stats}
         for name in self.matmul:  # the flat names the README's tables were read from
             d[f"{SHORT.get(name, name)}_matmul_TFLOPs"] = self.matmul[name] / 1e12
@@ -505,7 +536,8 @@ def measure_limits(timer: Timer, dtypes: Iterable[torch.dtype] = (torch.float32,
     preallocated buffer (default: 1 GiB on CUDA, 8x the last-level cache and at least 256 MiB on the CPU),
     a sum over the same buffer, and an n x n matmul into a preallocated output for each dtype (float32
     always), all interleaved in one measurement. Buffers are filled before timing: first touches (page
-    faults) are never timed, and nothing is timed on zeros."""
+    faults) are never timed, and nothing is timed on zeros. The Limits keep the probes and their buffers,
+    for Limits.refresh."""
     dev = timer.device
     cuda = dev.type == "cuda"
     if copy_bytes is None:
@@ -527,14 +559,13 @@ def measure_limits(timer: Timer, dtypes: Iterable[torch.dtype] = (torch.float32,
         fns[f"matmul_{name}"] = lambda k, a=a, b=b, c=c: torch.mm(a, b, out=c)
     m = timer.measure(fns, flush=False, budget_s=budget_s)
     flops = 2.0 * n ** 3
-    limits = Limits(
+    return Limits(
         device=dev.type,
         copy_Bps=2 * copy_bytes / m["copy"].min, copy_Bps_median=2 * copy_bytes / m["copy"].median,
         read_Bps=copy_bytes / m["read"].min, read_Bps_median=copy_bytes / m["read"].median,
         matmul={k: flops / m[f"matmul_{k}"].min for k in mats},
         matmul_median={k: flops / m[f"matmul_{k}"].median for k in mats},
-        copy_bytes=copy_bytes, matmul_n=n, stats={"measurement": m.describe(), **m.as_dict("ms")})
-    return limits
+        copy_bytes=copy_bytes, matmul_n=n, stats={"measurement": m.describe(), **m.as_dict("ms")}, probes=fns)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,14 +607,23 @@ class Checks:
         return False
 
     def not_faster_than_base(self, case: str, what: str, measured_s: float, base_what: str, base_s: float,
-                             slack: float = BASE_SLACK) -> bool:
-        """A model that contains `base_what` and does its work and more: measured_s >= slack x base_s."""
+                             ratio: Stats | None = None, slack: float = BASE_SLACK) -> bool:
+        """A model that contains `base_what` and does its work and more may not run faster than it. With
+        `ratio` (Measurement.ratio: per-round measured / base, paired), it fails only when the whole 95%
+        interval of the ratio lies under `slack`, so a noisy pair of medians cannot fail it and a model
+        that is faster round after round does; without it, when measured_s < slack x base_s."""
         self.count += 1
-        if measured_s >= slack * base_s:
-            return True
-        self._fail(case, f"{what} measured {_fmt_s(measured_s)}, faster than {base_what} "
-                         f"{_fmt_s(base_s)} ({measured_s / base_s:.2f}x; allowed: >= {slack:.2f}x), which it "
-                         f"contains; the benchmark is wrong")
+        if ratio is None:
+            if measured_s >= slack * base_s:
+                return True
+            how = f"{measured_s / base_s:.2f}x"
+        else:
+            if ratio.ci_high >= slack:
+                return True
+            how = (f"{ratio.median:.2f}x per round, 95% interval {ratio.ci_low:.2f}-{ratio.ci_high:.2f} over "
+                   f"{ratio.n} rounds")
+        self._fail(case, f"{what} measured {_fmt_s(measured_s)}, faster than {base_what} {_fmt_s(base_s)} "
+                         f"({how}; allowed: >= {slack:.2f}x), which it contains; the benchmark is wrong")
         return False
 
     def within(self, case: str, what: str, value: float, lo: float, hi: float, why: str) -> bool:
@@ -709,6 +749,13 @@ class Report:
         self.notes: list[str] = []
         self.machine = machine(self.device)
         self._t0 = time.monotonic()
+        load = self.machine.get("loadavg_start")
+        cpus = self.machine.get("usable_cpus") or self.machine.get("logical_cpus") or 1
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and threads > 1 and load and load[0] + threads > cpus + 0.5:
+            self.note(f"the machine is busy (load average {load[0]:.1f} on {cpus} CPUs) and {threads} threads are timed "
+                      f"by the wall clock: a parallel region waits for any descheduled thread, so times swing; on a "
+                      f"shared machine use --threads 1 (timed by the thread's CPU time)")
 
     def add(self, row: dict) -> dict:
         self.rows.append(row)

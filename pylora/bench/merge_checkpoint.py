@@ -170,6 +170,7 @@ def run(argv=None, out_dir=None) -> int:
             return fn
 
         m = timer.measure({w: way_fn(w) for w in ways}, self_timed=True, min_reps=args.min_reps or 3)
+        limits.refresh(timer)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     mib = 2**20

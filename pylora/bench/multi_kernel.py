@@ -169,6 +169,7 @@ def bench_case(timer, limits, checks, pool: Pool, T, I, O, r, n_adapters, popula
     graph = ("pylora", "gather_bmm") if (device.type == "cuda" and T <= GRAPH_MAX_T) else ()
     with torch.inference_mode():
         m = timer.measure(fns, graph=graph)
+    limits.refresh(timer)  # the floors below include probes taken under this case's load
     floor = (used * r * (I + O) * elt + io_bytes) / limits.bandwidth()
     compute = 2 * T * r * (I + O) / limits.rate(dtype)
     roofline = max(floor, compute)
