@@ -883,6 +883,18 @@ def default_out(stem: str, args, out_dir: str | None = None) -> str:
     return os.path.join(out_dir or os.path.join(os.getcwd(), "bench-results"), name)
 
 
+def child_env(**extra) -> dict:
+    """This process's environment for a child Python (a suite, a memory run), with the folder that holds
+    the imported pylora first on PYTHONPATH, so the child imports the same pylora: a checkout run from
+    bench/, an editable install or a wheel."""
+    import pylora
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pylora.__file__)))
+    env = dict(os.environ, TQDM_DISABLE=os.environ.get("TQDM_DISABLE", "1"), **extra)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def entry(run: Callable[[list | None], int], argv: list | None) -> int:
     """A suite's main(): run it, turning SanityError and MissingDependency into exit statuses."""
     try:

@@ -100,9 +100,7 @@ def run_way(way: str, d: str, out_dtype: str, k: int, threads: int | None) -> di
     out = os.path.join(d, f"out_{way}_{k}")
     cmd = [sys.executable, "-m", "pylora.bench.merge_checkpoint", "--child", way, os.path.join(d, "base"),
            os.path.join(d, "adapter"), out, out_dtype]
-    env = dict(os.environ, TQDM_DISABLE="1")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = h.child_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, check=False)
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 
@@ -117,7 +116,7 @@ def memory_child(cfg: dict) -> dict:
 
 
 def measure_memory(cfg: dict) -> dict:
-    env = dict(os.environ, TQDM_DISABLE="1")
+    env = h.child_env()
     out = subprocess.run([sys.executable, "-m", "pylora.bench.train_model", "--memory-child", json.dumps(cfg)],
                          capture_output=True, text=True, env=env, timeout=3600, check=False)
     if out.returncode != 0:

@@ -18,10 +18,10 @@ import shlex
 import subprocess
 import sys
 
-from pylora.bench import GROUPS, SUITES
+from pylora.bench import GROUPS, SUITES, harness
 
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-EXIT_SANITY, EXIT_MISSING = 4, 3  # pylora.bench.harness's, without importing torch here
+EXIT_SANITY, EXIT_MISSING = harness.EXIT_SANITY, harness.EXIT_MISSING
 
 
 def selection(name: str) -> list[str]:
@@ -93,17 +93,6 @@ def chart(results: dict, path: str) -> bool:
     return True
 
 
-def _child_env() -> dict:
-    """This process's environment, with the folder that holds the imported pylora first on PYTHONPATH, so
-    the suite's process imports the same pylora (a checkout, an editable install or a wheel)."""
-    import pylora
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(pylora.__file__)))
-    env = dict(os.environ, TQDM_DISABLE=os.environ.get("TQDM_DISABLE", "1"))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def run(args) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -128,7 +117,7 @@ def run(args) -> int:
               flush=True)
         if os.path.exists(path):
             os.remove(path)  # a stale file from an earlier run must not pass for this one's
-        rc = subprocess.run(cmd, env=_child_env(), check=False).returncode
+        rc = subprocess.run(cmd, env=harness.child_env(), check=False).returncode
         if rc == EXIT_MISSING:
             skipped.append(suite)
             continue
