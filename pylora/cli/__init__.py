@@ -10,7 +10,7 @@ import sys
 # pylora.checkpoint.OUT_DTYPES' names, here without importing torch before the arguments are parsed.
 OUT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # pylora.bench's GROUPS and SUITES, here without importing torch before the arguments are parsed
-# (tests/cli/test_bench.py checks that the two agree).
+# (tests/bench/test_suites.py checks that the two agree).
 BENCH_SUITES = ("all", "merge", "train", "multi", "checkpoint", "train-layer", "train-model", "multi-kernel",
                 "multi-model", "merge-checkpoint")
 
