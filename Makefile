@@ -43,8 +43,10 @@ demo: setup
 test: setup
 	$(VPY) -m pytest
 
+# BENCH_ARGS: more options for `pylora bench` (e.g. make bench BENCH_ARGS="--full --threads 1").
+BENCH_ARGS ?=
 bench: setup
-	$(VENV)/bin/pylora bench all --out bench-results
+	$(VENV)/bin/pylora bench all --out bench-results $(BENCH_ARGS)
 
 clean:
 	rm -rf build pylora/_C*.so pylora.egg-info $(VENV)/.built
