@@ -103,9 +103,9 @@ class LoraLayer(nn.Module):
         q = self.quantization
         if q is None:
             return
-        what = f"{type(self).__name__}.merge: the base weight is quantized ({q.description})"
+        what = f"{type(self).__name__}.merge: the base weight is quantized with {q.description}"
         if not dequantize:
-            raise ValueError(f"{what}: merging into it is refused, since a quantized weight cannot hold the "
+            raise ValueError(f"{what}; merging into it is refused, since a quantized weight cannot hold the "
                              "update exactly. Serve the adapter unmerged over the quantized base, or ask for a "
                              "dequantize-merge-requantize (rounded to the quantization grid; unmerge() restores the "
                              "original): merge(dequantize=True), pylora.merge(model, dequantize=True) or "
