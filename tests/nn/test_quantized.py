@@ -389,3 +389,19 @@ def test_dense_layers_ignore_dequantize(llama_dir):
         pylora.merge(model, dequantize=True)
     pylora.unmerge(model)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.base_layer.weight, W)
+
+
+def test_lora_bias_over_a_quantized_base_matches_peft(llama_dir):
+    """lora_bias (PEFT's option; PEFT supports it over bitsandbytes layers): s·lora_B.bias joins the update."""
+    import peft
+
+    targets = ["q_proj", "v_proj"]
+    model = pylora.inject(quantized_llama("bnb-4bit", llama_dir),
+                          pylora.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_bias=True))
+    randomize_lora(model)
+    ref = peft.get_peft_model(quantized_llama("bnb-4bit", llama_dir),
+                              peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_bias=True))
+    copy_lora_into_peft(model, ref)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, ref(input_ids=x).logits, **tol(torch.float32))
