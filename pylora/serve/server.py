@@ -250,7 +250,9 @@ class MultiLoRA(nn.Module):
                              "unload it first), and load the trained model as an adapter instead")
         if capacity_rows is not None and capacity_bytes is not None:
             raise ValueError("MultiLoRA: give capacity_rows or capacity_bytes, not both")
-        first = next(model.parameters())
+        # The first floating-point parameter: a quantized base's weights may be integers (bitsandbytes).
+        params = list(model.parameters())
+        first = next((p for p in params if p.is_floating_point()), params[0])
         # One frozen base: only adapters train (and only their gradients cross the wire under DDP).
         for p in model.parameters():
             p.requires_grad_(False)
