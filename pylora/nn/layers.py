@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pylora import ops
+from pylora.ops.linear import draw_seed
 from pylora.nn.config import lora_scale
 from pylora.nn.kinds import SUPPORTED, factor_dtype, features, is_conv1d, module_kind, quantization
 from pylora.nn import quantized as quant
@@ -43,6 +44,9 @@ def init_lora_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, init_lora_weig
     else:
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
     nn.init.zeros_(lora_B)
+
+
+_DENSE = (torch.Tensor, nn.Parameter)
 
 
 class LoraLayer(nn.Module):
@@ -236,9 +240,11 @@ class LoraLinear(LoraLayer):
             return base(x, *args, **kwargs)
         if self.disabled:
             return base(x, *args, **kwargs)
-        if self.quantization is not None:
-            return self._forward_quantized(x, *args, **kwargs)
         W, b = base.weight, base.bias
+        # A dense weight is a plain Tensor or Parameter: that test alone, which torch.compile folds, on
+        # the common path; a quantized weight is a subclass (torchao) or a bitsandbytes Parameter.
+        if type(W) not in _DENSE and self.quantization is not None:
+            return self._forward_quantized(x, *args, **kwargs)
         dtype = W.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -265,17 +271,10 @@ class LoraLinear(LoraLayer):
         cast = (lambda t: t if t.dtype == dtype else t.to(dtype))
         delta = ops.lora_multi(x2, [cast(self.lora_A)], [cast(self.lora_B)], [self.scaling], [0, T],
                                torch.arange(T, device=x2.device), dropout_p=[p],
-                               seeds=[_dropout_seed() if p > 0 else 0], check=False)
+                               seeds=[int(draw_seed()) if p > 0 else 0], check=False)
         if self.lora_B_bias is not None:
             delta = delta + cast(self.lora_B_bias * self.scaling)
         return y + delta.view(*y.shape[:-1], delta.shape[-1]).to(y.dtype)
-
-
-def _dropout_seed() -> int:
-    """The draw lora_linear makes for its dropout seed (torch's default CPU generator, no device sync), so
-    that a quantized and a dense layer consume the generator alike and, given the same state, drop the same
-    elements."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
 class LoraEmbedding(LoraLayer):

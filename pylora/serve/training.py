@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pylora.nn.config import LoraConfig
+from pylora.ops import linear
 from pylora.nn.layers import init_lora_factors
 
 _M64 = (1 << 64) - 1
@@ -54,8 +55,8 @@ def module_draw(step_draw: int, module: str) -> int:
 
 
 def draw_seed() -> int:
-    """One draw from torch's default CPU generator (restored by torch.utils.checkpoint before a recompute)."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    """One draw from torch's default CPU generator, the one lora_linear makes for its dropout seed."""
+    return int(linear.draw_seed())
 
 
 def _key(module: str) -> str:
