@@ -66,6 +66,9 @@ def run(argv=None, out_dir=None) -> int:
     p.add_argument("--rank", type=int, default=16, help="every adapter's rank")
     p.add_argument("--dtype", default=None, choices=sorted(h.DTYPES),
                    help="the model's and the adapters' dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--adapter-dtype", default=None, choices=sorted(h.DTYPES),
+                   help="the dtype of MultiLoRA's adapter pool (default: the model's; float32 over a bfloat16 model "
+                        "computes every adapter update in fp32, as PEFT does)")
     p.add_argument("--prefill-logits", default="all", choices=("all", "last"),
                    help="prefill computes logits for every position (a plain forward) or the last only (a server)")
     args = p.parse_args(argv)
@@ -83,13 +86,15 @@ def run(argv=None, out_dir=None) -> int:
     print(limits.describe(), flush=True)
     report = h.Report(SUITE, device, timer=timer, limits=limits, quick=args.quick,
                       config={**s, "adapters": n, "rows": rows, "prompt": L, "rank": rank, "dtype": h.dtype_name(dtype),
+                              "adapter_dtype": args.adapter_dtype or h.dtype_name(dtype),
                               "target_modules": "all-linear", "prefill_logits": args.prefill_logits})
     if peft is None:
         report.note("peft is not installed: the PEFT baseline is left out (pip install peft)")
     with tempfile.TemporaryDirectory() as tmp:
         dirs = write_adapters(s, rank, n, tmp, args.seed)
         base = models.build_llama(s, device, dtype, suite=SUITE, seed=args.seed)
-        server = pylora.MultiLoRA(copy.deepcopy(base), capacity_rows=rank * n, max_adapters=n)
+        adapter_dtype = h.DTYPES[args.adapter_dtype] if args.adapter_dtype else dtype
+        server = pylora.MultiLoRA(copy.deepcopy(base), capacity_rows=rank * n, max_adapters=n, dtype=adapter_dtype)
         server.load_adapters(dirs, progress=False)
         names = list(dirs)
         pm = None
