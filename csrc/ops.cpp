@@ -11,9 +11,10 @@
 TORCH_LIBRARY(pylora, m) {
   // weight[O, I] += scale * B[O, r] @ A[r, I] in place (weight [I, O] when fan_in_fan_out), fp32
   // accumulation rounded once per element; refuses (writing nothing) when any result is not finite.
-  // Returns the correction record that makes unmerge_ exact: (counts, entries, esc_index, esc_value).
-  m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns the correction record that makes unmerge_ exact: (counts, entries, esc_index, esc_value); with
+  // record=False the same merged weight and an empty record (four empty tensors), which costs nothing to build.
+  m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out, "
+        "bool record=True) -> (Tensor, Tensor, Tensor, Tensor)");
   // weight = the exact weight before merge_(weight, lora_A, lora_B, scale, fan_in_fan_out) that
   // returned (counts, entries, esc_index, esc_value).
   m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out, "

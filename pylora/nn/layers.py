@@ -120,8 +120,23 @@ class LoraLayer(nn.Module):
         if problem is not None:
             raise ValueError(f"{what}: {problem}")
 
+    def merge_cannot_fail(self) -> bool:
+        """True when merge(record=False) cannot refuse this layer's values (a dense weight whose bound rules
+        out overflow, and a lora_bias that merges finitely): such a merge needs no record to be undone."""
+        if self.merged or self.quantization is not None:
+            return False
+        extra = getattr(self, "lora_B_bias", None)
+        if extra is not None:
+            try:
+                self.check_mergeable()
+                ops.merge_bias(self.base_layer.bias, extra, self.scaling)
+            except ValueError:
+                return False
+        W, A, B, _ = self._merge_args()
+        return ops.merge_cannot_overflow(W, A, B, self.scaling)
+
     @torch.no_grad()
-    def merge(self, dequantize: bool = False) -> None:
+    def merge(self, dequantize: bool = False, record: bool = True) -> None:
         """Fold the adapter into the base weight (and, with lora_bias, lora_B's bias into the base bias),
         exactly reversibly by unmerge(). All or nothing: every refusal (ValueError: a non-finite result,
         named with its position) comes before anything is written.
@@ -132,7 +147,10 @@ class LoraLayer(nn.Module):
         (pylora.nn.quantized), so the merged layer computes the dequantized-weight update rounded to the
         quantization grid, not the exact one. unmerge() puts the original quantized weight back (the
         layer holds it while merged: the quantized weight's memory again). dequantize=True changes nothing
-        for a dense base."""
+        for a dense base.
+
+        record=False merges a dense weight without building the exact-unmerge record (the same merged
+        weight, less work): the layer then cannot be unmerged, only dropped (merge_and_unload)."""
         if self.merged:
             raise RuntimeError(f"{type(self).__name__}.merge: the adapter is already merged")
         self.check_mergeable(dequantize)
@@ -146,7 +164,7 @@ class LoraLayer(nn.Module):
             self._requantized = quant.requantize(self.base_layer, W)
         else:
             W, A, B, fifo = self._merge_args()
-            self._record = ops.merge_(W, A, B, self.scaling, fan_in_fan_out=fifo)  # refuses before writing
+            self._record = ops.merge_(W, A, B, self.scaling, fan_in_fan_out=fifo, record=record)  # refuses first
         if new_bias is not None:
             self._bias_before = bias.detach().clone()
             bias.copy_(new_bias)
@@ -159,6 +177,9 @@ class LoraLayer(nn.Module):
         """Take the adapter back out: the base weight (and bias) are restored bit for bit."""
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__}.unmerge: the adapter is not merged")
+        if self._record is None and self._requantized is None:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: the adapter was merged without a record "
+                               "(merge(record=False)): it cannot be unmerged, only dropped")
         bias = self.base_layer.bias if self._bias_before is not None else None
         W = self.base_layer.weight
         weight_changed = W._version != self._merged_version or \

@@ -213,13 +213,14 @@ class _MergeProblem:
         return torch.tensor(sign * self.s, dtype=torch.float32, device=self.S.device)
 
 
-def merge_(weight, lora_A, lora_B, scale, fan_in_fan_out=False):
-    """Reference of torch.ops.pylora.merge_: returns the record (counts, entries, esc_index, esc_value)."""
+def merge_(weight, lora_A, lora_B, scale, fan_in_fan_out=False, record=True):
+    """Reference of torch.ops.pylora.merge_: returns the record (counts, entries, esc_index, esc_value), four
+    empty tensors with record=False."""
     mp = _MergeProblem("merge_", weight, lora_A, lora_B, scale, fan_in_fan_out)
     S, dtype = mp.S, mp.S.dtype
     # Row chunk by row chunk (the fp32 chains' temporaries stay in the cache): the merged y and the
     # unmerge candidate c; nothing is written to the weight until every chunk is finite.
-    y, c = torch.empty_like(S), torch.empty_like(S)
+    y, c = torch.empty_like(S), torch.empty_like(S) if record else None
     s_pos, s_neg, kind = mp.s_tensor(), mp.s_tensor(-1.0), chain_kind(mp.U, mp.V)
     for p0, p1 in _row_chunks(mp.P, mp.Q):
         acc = lora_product_fp32(mp.U, mp.V, (p0, p1), kind)
@@ -234,7 +235,12 @@ def merge_(weight, lora_A, lora_B, scale, fan_in_fan_out=False):
             raise _value_error("merge_", f"the merged weight would not be finite at {mp.where(p0 + p, q)} "
                                          f"(weight={float(w32[p, q]):g}, scale*(B@A)={delta:g}); nothing was "
                                          "written")
-        c[p0:p1] = _round_to(fma32(s_neg, acc, y[p0:p1].float()), dtype)
+        if record:
+            c[p0:p1] = _round_to(fma32(s_neg, acc, y[p0:p1].float()), dtype)
+    if not record:
+        S.copy_(y)
+        return (torch.empty(0, dtype=torch.int16, device=S.device), torch.empty(0, dtype=torch.int16, device=S.device),
+                torch.empty(0, dtype=torch.int64, device=S.device), S.new_empty(0))
     wb, cb = _bits(S.contiguous()).flatten(), _bits(c).flatten()
     flat = (wb != cb).nonzero().flatten()
     d = _keys(wb[flat], dtype) - _keys(cb[flat], dtype)
