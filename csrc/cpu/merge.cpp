@@ -206,56 +206,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const Merg
     part.counts.assign((e - b) * nb, 0);
     alignas(64) bits_t ybuf[kTile];
     alignas(64) bits_t cbuf[kTile];
-    alignas(64) uint8_t flag[kTile + 64];
-    int16_t ebuf[kTile];
+    alignas(64) uint8_t differs[kTile + 64];
+    alignas(64) int16_t columns[kTile + 16];  // the columns j that differ, in order
+    alignas(64) int16_t iota[kTile + 16];
+    for (int j = 0; j < kTile + 16; ++j) iota[j] = static_cast<int16_t>(j);
     Entries<S> row_entries[kRB];  // a block's rows interleave by tile: stage per row, flush in row order
     for_each_tile(prm, pv, b, e, [&](int64_t p, int64_t q0, int64_t n, const float* acc) {
       bits_t* w = W + p * Q + q0;
       uint8_t any = 0;
-      for (int64_t j = 0; j < n; ++j) {
+      for (int64_t j = 0; j < n; ++j) {  // one vectorised pass: merged value, candidate, flag
         bool ok;
         const bits_t y = mm::merged<S>(w[j], s, acc[j], ok);
         const bits_t c = mm::unmerged<S>(y, s, acc[j]);
         ybuf[j] = y;
         cbuf[j] = c;
-        flag[j] = static_cast<uint8_t>(c != w[j]);
-        any |= flag[j];
+        differs[j] = static_cast<uint8_t>(c != w[j]);
+        any |= differs[j];
       }
       if (any) {
-        // The flags are sparse and scattered (a few per cent of elements): gather 64 flag bytes into
-        // one bit mask (the multiply moves byte i's 0/1 to bit 56 + i, no carries) and visit its set
-        // bits, so that a branch is mispredicted about once per 64 elements, not once per flag.
-        std::memset(flag + n, 0, 64);
+        // The few elements whose candidate differs (0.5-10% at usual update sizes) are compacted, then
+        // each gets its entry, or an escape when it lies too far. Entries are written in order; a tile
+        // (kTile <= kChunk columns) spans at most two chunks.
+        std::memset(differs + n, 0, 64);
+        const int64_t m = vec::compress(iota, differs, n, columns);
         Entries<S>& out = row_entries[(p - b) % kRB];
-        // A tile (kTile < kChunk columns) spans at most two record chunks: count each in a register,
-        // stage the entries in a tile-sized buffer, append once.
-        const int64_t chunk0 = q0 / mm::kChunk, split = (chunk0 + 1) * mm::kChunk - q0;
-        int64_t m = 0, in_second = 0;
-        for (int64_t j64 = 0; j64 < n; j64 += 64) {
-          uint64_t mask = 0;
-          for (int k = 0; k < 8; ++k) {
-            uint64_t word;
-            std::memcpy(&word, flag + j64 + 8 * k, 8);
-            mask |= ((word * 0x0102040810204080ull) >> 56) << (8 * k);
-          }
-          while (mask != 0) {
-            const int64_t j = j64 + __builtin_ctzll(mask);
-            mask &= mask - 1;
-            const key_t d = S::key(w[j]) - S::key(cbuf[j]);
-            const int64_t q = q0 + j;
-            if (d >= mm::kMinDelta && d <= mm::kMaxDelta) {
-              ebuf[m++] = mm::pack_entry(q % mm::kChunk, static_cast<int32_t>(d));
-              in_second += j >= split;
-            } else {
-              out.esc_index.push_back(p * Q + q);
-              out.esc_bits.push_back(w[j]);
-            }
+        const size_t e0 = out.entries.size();
+        out.entries.resize(e0 + m);
+        int16_t* ent = out.entries.data() + e0;
+        const int64_t c0 = q0 % mm::kChunk, split = mm::kChunk - c0;  // split: the next chunk's first column
+        int64_t k = 0, second = 0;
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t j = columns[i];
+          const key_t d = S::key(w[j]) - S::key(cbuf[j]);
+          if (d >= mm::kMinDelta && d <= mm::kMaxDelta) {
+            ent[k++] = mm::pack_entry(static_cast<int32_t>((c0 + j) % mm::kChunk), static_cast<int32_t>(d));
+            second += j >= split;
+          } else {
+            out.esc_index.push_back(p * Q + q0 + j);
+            out.esc_bits.push_back(w[j]);
           }
         }
-        int16_t* counts = part.counts.data() + (p - b) * nb + chunk0;
-        counts[0] = static_cast<int16_t>(counts[0] + (m - in_second));
-        if (in_second) counts[1] = static_cast<int16_t>(counts[1] + in_second);
-        out.entries.insert(out.entries.end(), ebuf, ebuf + m);
+        out.entries.resize(e0 + k);
+        int16_t* counts = part.counts.data() + (p - b) * nb + q0 / mm::kChunk;
+        counts[0] = static_cast<int16_t>(counts[0] + (k - second));
+        if (second) counts[1] = static_cast<int16_t>(counts[1] + second);
       }
       std::copy(ybuf, ybuf + n, w);
     }, [&](int64_t, int64_t nr) {

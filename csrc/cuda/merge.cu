@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) merge_write_kernel(
       const int i = f % kRows;
       if (cls[i] == 1 + f / kRows) {
         if (f < kRows) {
-          entries[pos] = mm::pack_entry(q - q_begin, d[i]);
+          entries[pos] = mm::pack_entry(static_cast<int32_t>(q - q_begin), d[i]);
         } else {
           esc_index[pos] = (p0 + i) * g.Q + q;
           esc_value[pos] = w[i];
