@@ -4,6 +4,7 @@ process of its own.
 
     python -m pylora.bench.train_model [--quick] [--device cpu|cuda] [--threads N] [--hidden 1024]
         [--layers 4] [--seq 128] [--batch 8] [--rank 16] [--dropouts 0,0.05] [--dtype float32]
+        [--compile no|yes|both]
 
 Methods, per lora_dropout: pylora (pylora.inject, r on all-linear, mark_only_lora_trainable, AdamW over
 the LoRA parameters), PEFT (get_peft_model with the same LoraConfig and AdamW), and the frozen base: the
@@ -13,6 +14,9 @@ output (a hook makes that output the leaf that needs a gradient). Every LoRA ste
 base step is a benchmark bug; so is a step below the floor of its linear layers' work at the measured
 matmul rate. Memory: each method in a fresh process, the peak over 3 steps above the loaded model and
 optimizer (the resident high-water mark on the CPU, torch.cuda.max_memory_allocated on a GPU).
+With --compile yes (or both: eager rows, then compiled ones) every method, the base included, runs as
+torch.compile(model) (the default inductor backend), compiled by three untimed steps first; the compiled
+rows skip the memory runs.
 Needs transformers; PEFT is optional (its column is empty without it).
 """
 from __future__ import annotations
@@ -67,9 +71,11 @@ def make_method(name, base, rank, p, peft, suite=SUITE):
     return model, opt
 
 
-def step_fn(model, opt, ids):
+def step_fn(model, opt, ids, compiled=False):
+    fwd = torch.compile(model) if compiled else model
+
     def step(k=0):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = fwd(input_ids=ids, labels=ids).loss
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,7 +130,7 @@ def measure_memory(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-COLUMNS = [("dropout_p", "lora_dropout", "g"), ("base_ms", "frozen base ms", ".0f"), ("pylora_ms", "pylora step ms", ".0f"),
+COLUMNS = [("compiled", "compiled", "s"), ("dropout_p", "lora_dropout", "g"), ("base_ms", "frozen base ms", ".0f"), ("pylora_ms", "pylora step ms", ".0f"),
            ("peft_ms", "PEFT step ms", ".0f"), ("speedup", "PEFT/pylora", ".2f"), ("pylora_vs_base", "pylora/base", ".2f"),
            ("floor_ms", "floor ms", ".0f"), ("spread", "± spread", ".0%"), ("n", "n", "d"),
            ("pylora_MB", "pylora peak MB", ".0f"), ("peft_MB", "PEFT peak MB", ".0f")]
@@ -142,6 +148,8 @@ def run(argv=None, out_dir=None) -> int:
     p.add_argument("--dropouts", default="0,0.05", help="comma-separated lora_dropout values")
     p.add_argument("--dtype", default="float32", choices=sorted(h.DTYPES), help="model dtype")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (a process per method)")
+    p.add_argument("--compile", default="no", choices=("no", "yes", "both"),
+                   help="time the steps eager (no), under torch.compile (yes), or both (default: no)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
@@ -165,20 +173,26 @@ def run(argv=None, out_dir=None) -> int:
         report.note("peft is not installed: the PEFT baseline is left out (pip install peft)")
     methods = ["base", "pylora"] + (["peft"] if peft is not None else [])
     tokens = batch * seq
-    for dp in dropouts:
+    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    for compiled, dp in [(c, d) for c in modes for d in dropouts]:
         base = models.build_llama(s, device, dtype, suite=SUITE, seed=args.seed)
         g = torch.Generator().manual_seed(args.seed + 1)
         ids = torch.randint(0, s["vocab"], (batch, seq), generator=g).to(device)
         built = {m: make_method(m, base, args.rank, dp, peft) for m in reversed(methods)}  # base last: it is hooked
-        fns = {m: step_fn(model, opt, ids) for m, (model, opt) in built.items()}
+        fns = {m: step_fn(model, opt, ids, compiled) for m, (model, opt) in built.items()}
         fns = {m: fns[m] for m in methods}
         flops, nbytes = models.linear_work(built["base"][0], tokens, backward_from=1)
         floor = limits.floor_s(nbytes, flops, dtype)
+        if compiled:  # compilation (forward, backward, recompiles) before any timed or warm-up round
+            for f in fns.values():
+                for _ in range(3):
+                    f()
         m = timer.measure(fns)
         limits.refresh(timer)  # the floors below include probes taken under this case's load
-        case = f"Llama hidden {s['hidden']} x {s['layers']} layers, {batch}x{seq} tokens, r={args.rank}, p={dp:g}"
+        case = (f"Llama hidden {s['hidden']} x {s['layers']} layers, {batch}x{seq} tokens, r={args.rank}, p={dp:g}"
+                + (", compiled" if compiled else ""))
         t = {k: m.median(k) for k in methods}
-        row = {"dropout_p": dp, "base_ms": t["base"] * 1e3, "pylora_ms": t["pylora"] * 1e3,
+        row = {"compiled": "yes" if compiled else "no", "dropout_p": dp, "base_ms": t["base"] * 1e3, "pylora_ms": t["pylora"] * 1e3,
                "peft_ms": t["peft"] * 1e3 if "peft" in t else None,
                "speedup": t["peft"] / t["pylora"] if "peft" in t else None,
                "pylora_vs_base": t["pylora"] / t["base"], "floor_ms": floor * 1e3,
@@ -194,7 +208,7 @@ def run(argv=None, out_dir=None) -> int:
                                                    "the frozen base's forward + backward", t["base"],
                                                    ratio=m.ratio(k, "base"))
         del built, fns, base
-        if not args.no_memory:
+        if not args.no_memory and not compiled:
             for k in methods[1:]:
                 mem = measure_memory({"method": k, "device": args.device, "dtype": args.dtype, "sizes": s,
                                       "rank": args.rank, "dropout_p": dp, "seq": seq, "batch": batch,
@@ -203,7 +217,7 @@ def run(argv=None, out_dir=None) -> int:
                 report.checks.within(case, f"{k} peak memory MB", mem["peak_MB"], 0.0, float("inf"),
                                      "a high-water mark above the resident set it was reset to allows")
         report.add(row)
-        print(f"  p={dp:g}: base {row['base_ms']:.0f} ms, pylora {row['pylora_ms']:.0f} ms"
+        print(f"  {'compiled' if compiled else 'eager'} p={dp:g}: base {row['base_ms']:.0f} ms, pylora {row['pylora_ms']:.0f} ms"
               + (f", PEFT {row['peft_ms']:.0f} ms" if row["peft_ms"] else "")
               + f" ({row['timing']['rounds']} rounds, {row['timing']['stopped']})", flush=True)
     path = args.out or h.default_out(STEM, args, out_dir)
