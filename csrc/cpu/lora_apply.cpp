@@ -30,9 +30,13 @@
 #include "../common/dtypes.h"
 #include "../common/lora_apply_params.h"
 #include "../common/lora_apply_problem.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace pylora {
+namespace cpu {
+// One copy per ISA level (common/isa.h): setup.py compiles this file once per level.
+namespace PYLORA_ISA_NS {
 namespace {
 
 using vec::W;
@@ -413,6 +417,10 @@ void lora_apply_impl(const LoraApplyParams<T>& a) {
   run_tasks(tasks, [&](const Task& k) { expand_task(c, k); });
 }
 
+}  // namespace
+
+// The entry points (kernels.h), registered by cpu/dispatch.cpp for the level the CPU runs.
+
 void lora_apply_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A_rows, const at::Tensor& B_rows,
                     const at::Tensor& row_ptr, const at::Tensor& row_idx, const at::Tensor& scales,
                     const at::Tensor& seg_ptr, const at::Tensor& seg_slot) {
@@ -425,8 +433,6 @@ void lora_apply_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A_rows
   finish_lora_apply(a);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pylora, CPU, m) { m.impl("lora_apply_", &lora_apply_cpu); }
-
+}  // namespace PYLORA_ISA_NS
+}  // namespace cpu
 }  // namespace pylora

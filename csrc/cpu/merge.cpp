@@ -16,9 +16,13 @@
 #include "../common/merge_params.h"
 #include "../common/merge_problem.h"
 #include "../common/merge_record.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace pylora {
+namespace cpu {
+// One copy per ISA level (common/isa.h): setup.py compiles this file once per level.
+namespace PYLORA_ISA_NS {
 namespace {
 
 // Register blocking of the fma chain: kRB rows x kCB columns of accumulators (one vec::Block per row)
@@ -311,6 +315,10 @@ void unmerge_impl(const MergeProblem& mp, const std::vector<int64_t>& start, con
   for (int64_t k = 0; k < esc_index.numel(); ++k) W[ei[k]] = ev[k];
 }
 
+}  // namespace
+
+// The entry points (kernels.h), registered by cpu/dispatch.cpp for the level the CPU runs.
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu(at::Tensor& weight,
                                                                                 const at::Tensor& lora_A,
                                                                                 const at::Tensor& lora_B, double scale,
@@ -331,11 +339,6 @@ void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor&
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pylora, CPU, m) {
-  m.impl("merge_", &merge_cpu);
-  m.impl("unmerge_", &unmerge_cpu);
-}
-
+}  // namespace PYLORA_ISA_NS
+}  // namespace cpu
 }  // namespace pylora
