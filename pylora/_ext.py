@@ -51,7 +51,7 @@ def torch_mismatch(facts: dict | None, version: str, cuda: str | None) -> str | 
         same = cuda is not None and built_cuda is not None and cuda.split(".")[0] == str(built_cuda).split(".")[0]
     if same:
         return None
-    return (f"pylora's compiled kernels were built for {_describe(built, built_cuda)}"
+    return (f"the compiled kernels were built for {_describe(built, built_cuda)}"
             f"{' with CUDA kernels' if facts.get('CUDA_KERNELS') else ''}, but {_describe(version, cuda)} is "
             f"installed, so they were not loaded and every op runs its pure-torch reference (slower). Fix: "
             f"install the torch they were built for, `pip install torch=={_release(built)}`"
