@@ -149,15 +149,16 @@ def test_sdist_and_wheel_from_a_clean_checkout_install_and_run(tmp_path):
 
     # A fresh environment: the wheel installed with pip, its dependencies found among this interpreter's
     # packages (no index: nothing is downloaded), then `pylora info` and the smoke test from outside the
-    # checkout.
+    # checkout. Without its own pip and setuptools (this interpreter's pip installs into it), so that
+    # the packages it sees are this interpreter's.
     venv = tmp_path / "venv"
-    check([sys.executable, "-m", "venv", str(venv)], tmp_path, clean_env(), 300)
+    check([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, clean_env(), 300)
     vpy = str(venv / "bin" / "python")
     site = check([vpy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, clean_env(), 60)
     view = host_view(str(tmp_path / "host-site-packages"))
     with open(os.path.join(site.stdout.strip(), "host_packages.pth"), "w") as f:
         f.write(view + "\n")
-    check([vpy, "-m", "pip", "install", "--no-index", str(wheel)], tmp_path, clean_env(), 600)
+    check([PYTHON, "-m", "pip", "--python", vpy, "install", "--no-index", str(wheel)], tmp_path, clean_env(), 600)
     info = check([str(venv / "bin" / "pylora"), "info"], tmp_path, clean_env(), 300).stdout
     assert "extension: loaded" in info and f"built for torch {torch.__version__}" in info, info
     assert "CPU kernels:" in info and "running" in info, info

@@ -10,6 +10,12 @@ import torch
 from pylora import _ext
 
 
+def _rand(gen, *shape):
+    """Uniform in [-1, 1) on a 2^-20 grid, from integers: the same bits on every CPU (torch.randn's
+    vectorised kernels differ by CPU, and these inputs are compared across machines and emulated CPUs)."""
+    return torch.randint(-2**20, 2**20, shape, generator=gen).float() / 2**20
+
+
 def _digest(*tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -28,11 +34,11 @@ def merge_cases(gen):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for fifo in (False, True):
             O, I, r = 67, 1000, 12
-            W = (torch.randn(O, I, generator=gen) * 0.02).to(dtype)
+            W = (_rand(gen, O, I) * 0.02).to(dtype)
             if fifo:
                 W = W.t().contiguous()
-            A = (torch.rand(r, I, generator=gen) * 2 - 1) / math.sqrt(I)
-            B = torch.randn(O, r, generator=gen) * 0.02
+            A = _rand(gen, r, I) / math.sqrt(I)
+            B = _rand(gen, O, r) * 0.02
             W0 = W.clone()
             rec = torch.ops.pylora.merge_(W, A, B, 1.7, fifo)
             merged = W.clone()
@@ -48,13 +54,13 @@ def lora_linear_cases(gen):
     for dtype in (torch.float32, torch.bfloat16):
         for p in (0.0, 0.25):
             T, I, O, r = 70, 600, 130, 8
-            x = torch.randn(T, I, generator=gen).to(dtype)
-            W = (torch.randn(O, I, generator=gen) / math.sqrt(I)).to(dtype)
-            bias = torch.randn(O, generator=gen).to(dtype)
-            A = (torch.randn(r, I, generator=gen) / math.sqrt(I)).to(dtype)
-            B = torch.randn(O, r, generator=gen).to(dtype)
+            x = _rand(gen, T, I).to(dtype)
+            W = (_rand(gen, O, I) / math.sqrt(I)).to(dtype)
+            bias = _rand(gen, O).to(dtype)
+            A = (_rand(gen, r, I) / math.sqrt(I)).to(dtype)
+            B = _rand(gen, O, r).to(dtype)
             y, h = torch.ops.pylora.lora_linear(x, W, bias, A, B, 0.5, p, 1234, False)
-            gy = torch.randn(T, O, generator=gen).to(dtype)
+            gy = _rand(gen, T, O).to(dtype)
             grads = torch.ops.pylora.lora_linear_backward(gy, x, W, A, B, h, 0.5, p, 1234, False, [True] * 5)
             out[f"lora_linear {dtype} p={p}"] = _digest(y, h, grads)
             As = [A, A[: r // 2].contiguous()]
@@ -74,16 +80,16 @@ def lora_apply_cases(gen):
     for dtype in (torch.float32, torch.bfloat16):
         I, O, ranks = 520, 300, [4, 16, 0, 33]
         P = sum(ranks) + 5
-        A_rows = (torch.randn(P, I, generator=gen) / math.sqrt(I)).to(dtype)
-        B_rows = torch.randn(P, O, generator=gen).to(dtype)
+        A_rows = (_rand(gen, P, I) / math.sqrt(I)).to(dtype)
+        B_rows = _rand(gen, P, O).to(dtype)
         row_idx = torch.randperm(P, generator=gen)[: sum(ranks)].to(torch.int32)
         row_ptr = torch.tensor([0] + ranks).cumsum(0).to(torch.int32)
         scales = torch.tensor([0.5, -1.0, 2.0, 0.25])
         for name, seg_ptr, seg_slot in (("decode", [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, -1]),
                                         ("prefill", [0, 40, 41, 77], [1, -1, 3])):
             T = seg_ptr[-1]
-            x = torch.randn(T, I, generator=gen).to(dtype)
-            y = torch.randn(T, O, generator=gen).to(dtype)
+            x = _rand(gen, T, I).to(dtype)
+            y = _rand(gen, T, O).to(dtype)
             torch.ops.pylora.lora_apply_(y, x, A_rows, B_rows, row_ptr, row_idx, scales,
                                          torch.tensor(seg_ptr, dtype=torch.int32),
                                          torch.tensor(seg_slot, dtype=torch.int32))

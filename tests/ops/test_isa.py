@@ -5,6 +5,7 @@ code compiled for a level is reachable only from that level (what keeps a wheel 
 import collections
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -134,6 +135,32 @@ def test_a_level_the_cpu_does_not_run_is_refused(python_env):
     code = "from pylora import _ext; import json; print(json.dumps(_ext.build_info()))"
     info = json.loads(run([PYTHON, "-W", "ignore", "-c", code], at_level(higher[0], python_env)).stdout)
     assert info["cpu_isa"] == LEVELS[0] and "this CPU does not run it" in info["cpu_isa_note"]
+
+
+# Older CPUs, emulated: QEMU's user mode runs this interpreter as the named CPU model would (it has no
+# AVX-512 at all), and an instruction that CPU lacks kills the process with SIGILL. torch itself needs
+# AVX, so the oldest model is Sandy Bridge (AVX, no AVX2 or FMA).
+QEMU_CPUS = [("avx2", "Haswell"), ("default", "SandyBridge")]
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (qemu-x86_64) to emulate older CPUs")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates x86-64 CPUs")
+@pytest.mark.parametrize("level, cpu", QEMU_CPUS, ids=[cpu for _, cpu in QEMU_CPUS])
+def test_an_older_cpu_chooses_its_level_and_gets_its_bits(level, cpu, probes):
+    if INFO["cpu_arch"] is not None or level not in probes:
+        pytest.skip(f"needs a portable build holding {level}, which this CPU runs (holds {INFO['cpu_isas']})")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PYLORA_CPU_ISA", None)
+    out = subprocess.run(["qemu-x86_64", "-cpu", cpu, PYTHON, "-m", "tests.ops.isa_probe"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"rc={out.returncode} under -cpu {cpu}\n{out.stderr[-3000:]}"
+    got = json.loads(out.stdout)
+    assert got["isa"] == level
+    # The kernels of a level give the same bits on any CPU that runs it (lora_linear's and lora_multi's
+    # GEMMs are ATen's, which picks its own kernels by CPU: they are not compared here).
+    cases = [case for case in got["digests"] if case.startswith(("merge ", "lora_apply "))]
+    differ = [case for case in cases if got["digests"][case] != probes[level]["digests"][case]]
+    assert not differ, f"{level} on an emulated {cpu} differs from {level} here in {differ}"
 
 
 # ------------------------------------------------------------------------------------------------------
