@@ -48,8 +48,11 @@ constexpr bool kCompiled[kLevels] = {PYLORA_HAVE_PLAIN, PYLORA_HAVE_AVX2, PYLORA
 // (-march=...) that this file cannot list.
 #if defined(PYLORA_CPU_ARCH)  // setup.py: the -march of a native build
 constexpr bool kNative = true;
+const char* const kNativeNote =
+    " (a native build, PYLORA_CPU_ARCH=" PYLORA_CPU_ARCH "; build without PYLORA_CPU_ARCH for every level)";
 #else
 constexpr bool kNative = false;
+const char* const kNativeNote = "";
 #endif
 
 // Whether this CPU (and OS) runs the instructions a portable build compiles level `level` with
@@ -91,8 +94,7 @@ IsaChoice choose() {
     if (want < 0) {
       c.note = asked + " is not one of avx512, avx2, default (or auto): ignored";
     } else if (!kCompiled[want]) {
-      c.note = asked + ": this build holds only " + kNames[best] +
-               (kNative ? " (a native build: PYLORA_CPU_ARCH); build without PYLORA_CPU_ARCH for every level" : "");
+      c.note = asked + ": this build holds only " + kNames[best] + kNativeNote;
     } else if (want > best) {
       c.note = asked + ": this CPU does not run it (it runs " + kNames[best] + ")";
     } else {

@@ -17,7 +17,8 @@
 // and one 300-token group both spread over the cores. Workspace: H (sum of n * r floats, proportional
 // to the batch) and a per-thread panel buffer (proportional to one adapter), never to the pool.
 // Every element's fp32 sequence is the same on every path, so a token's result does not depend on
-// the rest of the batch or on the thread count.
+// the rest of the batch or on the thread count. (On every path of one ISA level: the levels' vector
+// widths, and the default level's separate multiply and add, give each level its own last bits.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
