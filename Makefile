@@ -17,6 +17,9 @@ TEST_DEPS := pytest transformers peft accelerate
 # The demo's model comes from transformers (a test dependency too); its figure and `pylora bench`'s
 # chart need matplotlib.
 DEMO_DEPS := matplotlib
+# Optional quantization libraries (pyproject's `quant` extra): the tests of LoRA over a quantized base
+# run with them and skip, saying why, without them.
+QUANT_DEPS := torchao==0.18.0 bitsandbytes==0.50.2
 # A CUDA toolkit's usual home, when nothing says otherwise (setup.py also looks there).
 CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 MAX_JOBS ?= 2
@@ -31,7 +34,7 @@ setup: $(VENV)/.built
 $(VENV)/.deps: pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "pylora needs Python 3.10+, this is " + sys.version' 
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q "$(TORCH)" $(RUNTIME_DEPS) $(BUILD_DEPS) $(TEST_DEPS) $(DEMO_DEPS)
+	$(VPY) -m pip install -q "$(TORCH)" $(RUNTIME_DEPS) $(BUILD_DEPS) $(TEST_DEPS) $(DEMO_DEPS) $(QUANT_DEPS)
 	touch $@
 
 # --no-build-isolation: the extension must be compiled against the torch it will run with.
@@ -46,8 +49,10 @@ demo: setup
 test: setup
 	$(VPY) -m pytest
 
+# BENCH_ARGS: more options for `pylora bench` (e.g. make bench BENCH_ARGS="--full --threads 1").
+BENCH_ARGS ?=
 bench: setup
-	$(VENV)/bin/pylora bench all --out bench-results
+	$(VENV)/bin/pylora bench all --out bench-results $(BENCH_ARGS)
 
 # The sdist, then a wheel built from it alone (portable CPU kernels, CUDA kernels where setup.py finds
 # nvcc), against this venv's torch: the wheel requires that torch release.

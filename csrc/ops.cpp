@@ -17,22 +17,24 @@
 TORCH_LIBRARY(pylora, m) {
   // weight[O, I] += scale * B[O, r] @ A[r, I] in place (weight [I, O] when fan_in_fan_out), fp32
   // accumulation rounded once per element; refuses (writing nothing) when any result is not finite.
-  // Returns the correction record that makes unmerge_ exact: (counts, entries, esc_index, esc_value).
-  m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns the correction record that makes unmerge_ exact: (counts, entries, esc_index, esc_value); with
+  // record=False the same merged weight and an empty record (four empty tensors), which costs nothing to build.
+  m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out, "
+        "bool record=True) -> (Tensor, Tensor, Tensor, Tensor)");
   // weight = the exact weight before merge_(weight, lora_A, lora_B, scale, fan_in_fan_out) that
   // returned (counts, entries, esc_index, esc_value).
   m.def("unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scale, bool fan_in_fan_out, "
         "Tensor counts, Tensor entries, Tensor esc_index, Tensor esc_value) -> ()");
   // (y [T, O], h [T, r]): h = drop(x[T, I]) @ lora_A[r, I]^T, y = x @ W^T + bias + scale * h @ lora_B[O, r]^T with
   // W = weight [O, I] ([I, O] when fan_in_fan_out) and drop(x)[t, i] = x[t, i] * keep(seed, t, i) / (1 - dropout_p)
-  // (common/dropout_hash.h; drop(x) = x when dropout_p == 0); h is saved for backward, not differentiable.
+  // (common/dropout_hash.h; drop(x) = x when dropout_p == 0); seed is a one-element int64 CPU tensor (a value
+  // torch.compile can trace without reading it on the host); h is saved for backward, not differentiable.
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scale, "
-        "float dropout_p, int seed, bool fan_in_fan_out) -> (Tensor, Tensor)");
+        "float dropout_p, Tensor seed, bool fan_in_fan_out) -> (Tensor, Tensor)");
   // (grad_x [T, I], grad_weight (weight's layout), grad_bias [O], grad_A [r, I], grad_B [O, r]) of lora_linear
   // given grad_y [T, O] and its h; an output whose output_mask entry is False is an empty tensor, not computed.
   m.def("lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor h, "
-        "float scale, float dropout_p, int seed, bool fan_in_fan_out, bool[5] output_mask) "
+        "float scale, float dropout_p, Tensor seed, bool fan_in_fan_out, bool[5] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // (y [T, O], h): adapter k of N owns the tokens tok_idx[tok_ptr[k]:tok_ptr[k+1]] (each token at most once)
   // and is a lora_linear without the base over them: h[k] = drop_k(x_k) @ lora_A[k]^T [n_k, r_k] with its mask

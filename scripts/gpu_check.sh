@@ -2,7 +2,7 @@
 # Everything a lent GPU machine should run, in one call (DESIGN.md, "GPU checks"): build the
 # extension in place for sm_90, run the CUDA tests, run the benchmarks at GPU sizes, and write logs
 # and JSON under $OUT (./gpu_out when OUT is unset): summary.txt, build.log, pytest_cuda.log,
-# bench.log and one JSON per benchmark. Nothing is installed from a registry: the
+# bench.log and one JSON per benchmark suite. Nothing is installed from a registry: the
 # machine's torch, numpy, safetensors, pytest, transformers and peft are used as they are.
 # Budget: about 8 minutes in all. Usage: scripts/gpu_check.sh [--quick]
 set -uo pipefail
@@ -33,15 +33,20 @@ timeout 300 $PY -m pytest -m cuda -q -p no:cacheprovider -rfE tests > "$OUT/pyte
 note "pytest -m cuda: $(tail -1 "$OUT/pytest_cuda.log")  ($(( $(date +%s) - t0 )) s)"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30 >> "$summary"
 
-for bench in bench/bench_merge.py bench/bench_train.py bench/bench_multi.py; do
-  [ -f "$bench" ] || continue
-  name=$(basename "$bench" .py)
-  echo "===== $name" >> "$OUT/bench.log"
-  timeout "${BENCH_TIMEOUT:-200}" $PY "$bench" --device cuda $QUICK --out "$OUT/${name#bench_}_cuda.json" \
-    > "$OUT/$name.txt" 2>&1
-  note "$name: exit $? ($(( $(date +%s) - t0 )) s)"
-  cat "$OUT/$name.txt" >> "$OUT/bench.log"
-  grep -E '^\|' "$OUT/$name.txt" >> "$summary"
-  rm -f "$OUT/$name.txt"
+# The suites ship in the package (pylora.bench.<suite>, all on pylora.bench.harness): CUDA events, an L2
+# flush before each call, CUDA graphs for launch-bound sizes, limits measured in the same run. Exit 4:
+# a sanity check failed (a result below its floor, a model faster than its base); the JSON is then
+# <name>.failed.json. Exit 3: an optional package (peft, transformers) is missing.
+for suite in merge train_layer multi_kernel; do
+  echo "===== $suite" >> "$OUT/bench.log"
+  timeout "${BENCH_TIMEOUT:-200}" $PY -m pylora.bench.$suite --device cuda $QUICK --out "$OUT/${suite}_cuda.json" \
+    > "$OUT/$suite.txt" 2>&1
+  rc=$?
+  case $rc in 0) what=ok;; 4) what="SANITY CHECKS FAILED";; 3) what="skipped (missing package)";; 124) what="timed out";; *) what=failed;; esac
+  note "$suite: exit $rc, $what ($(( $(date +%s) - t0 )) s)"
+  cat "$OUT/$suite.txt" >> "$OUT/bench.log"
+  grep -E '^\|' "$OUT/$suite.txt" >> "$summary"
+  grep -E '^  [a-z-]+: .*(below its floor|faster than)' "$OUT/$suite.txt" | head -20 >> "$summary"
+  rm -f "$OUT/$suite.txt"
 done
 note "total: $(( $(date +%s) - t0 )) s"

@@ -135,3 +135,54 @@ def output(model, kind: str) -> torch.Tensor:
 
 
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert, "convnet": convnet}
+
+
+# Quantized bases: tiny_llama loaded through transformers' quantization configs, on the CPU. Each
+# library is optional: quantized_llama skips the test, with the reason, when it is missing or cannot
+# quantize on this machine.
+QUANT_SCHEMES = ("torchao-int8", "torchao-int4", "bnb-8bit", "bnb-4bit")
+
+
+def quant_config(scheme: str):
+    """The transformers quantization config of a scheme (pytest.skip when its library is missing).
+    torchao-int4 is IntxWeightOnlyConfig(int4, groups of 32), torchao's int4 weight-only path on a CPU
+    (Int4WeightOnlyConfig needs the mslk kernels or a GPU)."""
+    import pytest
+
+    if scheme.startswith("torchao"):
+        pytest.importorskip("torchao", reason="torchao is not installed (pip install 'pylora[quant]')")
+        from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
+        from transformers import TorchAoConfig
+
+        quant = Int8WeightOnlyConfig() if scheme == "torchao-int8" else \
+            IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+        return TorchAoConfig(quant_type=quant)
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'pylora[quant]')")
+    from transformers import BitsAndBytesConfig
+
+    if scheme == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+def quantized_llama(scheme: str, directory) -> nn.Module:
+    """tiny_llama() quantized with `scheme`, loaded as a user would (from_pretrained with a quantization
+    config) from `directory`, where it is saved first if it is not there yet."""
+    import os
+    import warnings
+
+    import pytest
+    from transformers import LlamaForCausalLM
+
+    directory = str(directory)
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        tiny_llama().save_pretrained(directory)
+    config = quant_config(scheme)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = LlamaForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu")
+        except (ImportError, RuntimeError, NotImplementedError) as exc:
+            pytest.skip(f"{scheme} cannot quantize on this machine: {type(exc).__name__}: {exc}")
+    return model.eval()

@@ -31,7 +31,7 @@ void check_device_like_x(const char* op, const char* name, const at::Tensor& t, 
 
 LoraLinearParams check_lora_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                                   const at::Tensor& lora_B, double scale, double dropout_p, int64_t seed,
+                                   const at::Tensor& lora_B, double scale, double dropout_p, const at::Tensor& seed,
                                    bool fan_in_fan_out) {
   const bool has_bias = bias.has_value() && bias->defined();
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x.dim()=", x.dim(), " must be 2 ([T, I])");
@@ -67,6 +67,9 @@ LoraLinearParams check_lora_linear(const char* op, const at::Tensor& x, const at
   // Written so that NaN fails too.
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p=", dropout_p,
                     " must satisfy 0 <= dropout_p < 1");
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
+                    ": seed must be a one-element int64 tensor on the CPU, got ", dtype_name(seed.scalar_type()),
+                    " of shape ", shape_str(seed), " on ", seed.device());
 
   LoraLinearParams pb;
   pb.T = x.size(0);
@@ -75,7 +78,7 @@ LoraLinearParams check_lora_linear(const char* op, const at::Tensor& x, const at
   pb.r = r;
   pb.scale = scale;
   pb.dropout_p = dropout_p;
-  pb.seed = seed;
+  pb.seed = seed.reshape({}).item<int64_t>();
   pb.fan_in_fan_out = fan_in_fan_out;
   return pb;
 }

@@ -40,7 +40,7 @@ constexpr int32_t kMaxDelta = 7;
 // A storage row of Q elements holds ceil(Q / kChunk) record chunks (none when Q == 0).
 constexpr int64_t chunks_per_row(int64_t Q) { return Q == 0 ? 0 : (Q + kChunk - 1) / kChunk; }
 
-PYLORA_HD int16_t pack_entry(int64_t column_in_chunk, int32_t delta) {
+PYLORA_HD int16_t pack_entry(int32_t column_in_chunk, int32_t delta) {
   return static_cast<int16_t>(static_cast<uint16_t>((column_in_chunk << 4) | (delta & 0xF)));
 }
 

@@ -22,6 +22,12 @@ std::pair<at::Tensor, at::Tensor> entry_position(const MergeProblem& mp, const a
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_record(const MergeProblem& mp) {
+  const auto opt = mp.S.options();
+  return {at::empty({0}, opt.dtype(at::kShort)), at::empty({0}, opt.dtype(at::kShort)),
+          at::empty({0}, opt.dtype(at::kLong)), at::empty({0}, opt)};
+}
+
 void check_record_layout(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
                          const at::Tensor& esc_index, const at::Tensor& esc_value) {
   const auto dev = mp.S.device();

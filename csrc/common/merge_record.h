@@ -4,9 +4,15 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "merge_problem.h"
 
 namespace pylora {
+
+// merge_'s result with record=False: four empty tensors (counts, entries, esc_index, esc_value) with the
+// record's dtypes, on the weight's device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_record(const MergeProblem& mp);
 
 // Validates a record's tensors (dims, dtypes, device, sizes) against the problem.
 void check_record_layout(const char* op, const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,

@@ -16,7 +16,7 @@
   /* merge.cpp */                                                                                                  \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu(at::Tensor& weight, const at::Tensor& lora_A, \
                                                                        const at::Tensor& lora_B, double scale,     \
-                                                                       bool fan_in_fan_out);                       \
+                                                                       bool fan_in_fan_out, bool record);          \
   void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,            \
                    bool fan_in_fan_out, const at::Tensor& counts, const at::Tensor& entries,                        \
                    const at::Tensor& esc_index, const at::Tensor& esc_value);                                       \
@@ -24,10 +24,10 @@
   std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,                 \
                                                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, \
                                                      const at::Tensor& lora_B, double scale, double dropout_p,     \
-                                                     int64_t seed, bool fan_in_fan_out);                           \
+                                                     const at::Tensor& seed, bool fan_in_fan_out);                 \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(                 \
       const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,           \
-      const at::Tensor& lora_B, const at::Tensor& h, double scale, double dropout_p, int64_t seed,                 \
+      const at::Tensor& lora_B, const at::Tensor& h, double scale, double dropout_p, const at::Tensor& seed,       \
       bool fan_in_fan_out, std::array<bool, 5> output_mask);                                                       \
   std::tuple<at::Tensor, std::vector<at::Tensor>> lora_multi_cpu(                                                  \
       const at::Tensor& x, at::TensorList lora_A, at::TensorList lora_B, at::ArrayRef<double> scales,              \

@@ -1,5 +1,5 @@
 // lora_linear_cpu / lora_linear_backward_cpu: the ATen GEMMs of common/lora_linear_gemms.cpp plus the
-// dropout-masked pieces (which lora_multi_cpu / lora_multi_backward_cpu run per adapter, common/lora_multi.cpp), which never hold more of drop(x) than one tile per thread:
+// dropout-masked pieces (which lora_multi_cpu / lora_multi_backward_cpu also run, per adapter), which never
 //   shrink           h [T, r]  = drop(x) A^T
 //   masked backward  dX [T, I] += (u A) * keep / (1 - p)   and   dA [r, I] = u^T drop(x)
 // Work is split into tiles of kRowTile rows x kColTile columns. Per tile the keep bits are hashed
@@ -217,7 +217,7 @@ void masked_backward_cpu(const LoraLinearParams& pb, const at::Tensor& x, const 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                    const at::Tensor& lora_B, double scale, double dropout_p,
-                                                   int64_t seed, bool fan_in_fan_out) {
+                                                   const at::Tensor& seed, bool fan_in_fan_out) {
   const LoraLinearParams pb =
       check_lora_linear("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out);
   return lora_linear_forward(pb, x, weight, bias, lora_A, lora_B, &masked_shrink_cpu);
@@ -225,8 +225,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& h, double scale, double dropout_p, int64_t seed, bool fan_in_fan_out,
-    std::array<bool, 5> output_mask) {
+    const at::Tensor& lora_B, const at::Tensor& h, double scale, double dropout_p, const at::Tensor& seed,
+    bool fan_in_fan_out, std::array<bool, 5> output_mask) {
   const char* op = "lora_linear_backward";
   const LoraLinearParams pb =
       check_lora_linear(op, x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out);

@@ -191,6 +191,49 @@ inline Block fma_rn(float a, const Block& b, Block c) {
 
 #endif
 
+// Calls f(j) for each j < n with flags[j] non-zero, in order. flags must be readable up to n rounded up
+// to 8. Sparse flags cost a branch per 64 elements: each 8 bytes fold to 8 bits of a 64-bit mask, whose
+// set bits are then visited.
+template <class F>
+inline void for_each_set(const uint8_t* flags, int64_t n, F&& f) {
+  for (int64_t j64 = 0; j64 < n; j64 += 64) {
+    uint64_t mask = 0;
+    for (int k = 0; k < 8 && j64 + 8 * k < n; ++k) {
+      uint64_t word;
+      std::memcpy(&word, flags + j64 + 8 * k, 8);
+      word = (word | (word >> 4)) & 0x0F0F0F0F0F0F0F0Full;  // a non-zero byte -> a non-zero low nibble
+      word = (word | (word >> 2)) & 0x0303030303030303ull;
+      word = (word | (word >> 1)) & 0x0101010101010101ull;
+      uint64_t bits = (word * 0x0102040810204080ull) >> 56;  // byte i's 0/1 to bit i (no carries)
+      if (n - (j64 + 8 * k) < 8) bits &= (uint64_t{1} << (n - (j64 + 8 * k))) - 1;  // bytes past n
+      mask |= bits << (8 * k);
+    }
+    while (mask != 0) {
+      f(j64 + __builtin_ctzll(mask));
+      mask &= mask - 1;
+    }
+  }
+}
+
+// Stream compaction: writes, in order, the src[j] (j < n) whose keep[j] is non-zero to dst and returns
+// how many. src and keep must be readable up to n rounded up to 16, and keep zero past n; dst must
+// have room for the result plus 16. AVX-512 compresses 16 lanes per instruction.
+inline int64_t compress(const int16_t* src, const uint8_t* keep, int64_t n, int16_t* dst) {
+  int64_t m = 0;
+#if PYLORA_VEC == PYLORA_VEC_AVX512
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512i k32 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + j)));
+    const __mmask16 k = _mm512_test_epi32_mask(k32, k32);
+    const __m512i v = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + m), _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(k, v)));
+    m += __builtin_popcount(static_cast<unsigned>(k));
+  }
+#else
+  for_each_set(keep, n, [&](int64_t j) { dst[m++] = src[j]; });
+#endif
+  return m;
+}
+
 // Scalar conversions for the tails (the same roundings as the vector stores).
 template <class T>
 inline float to_f(T v) {

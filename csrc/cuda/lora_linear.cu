@@ -285,7 +285,7 @@ void masked_backward_cuda(const LoraLinearParams& pb, const at::Tensor& x, const
 std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                     const at::Tensor& lora_B, double scale, double dropout_p,
-                                                    int64_t seed, bool fan_in_fan_out) {
+                                                    const at::Tensor& seed, bool fan_in_fan_out) {
   // Validate first: a tensor on another device must get the named error, not a guard failure.
   const LoraLinearParams pb =
       check_lora_linear("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out);
@@ -295,8 +295,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& h, double scale, double dropout_p, int64_t seed, bool fan_in_fan_out,
-    std::array<bool, 5> output_mask) {
+    const at::Tensor& lora_B, const at::Tensor& h, double scale, double dropout_p, const at::Tensor& seed,
+    bool fan_in_fan_out, std::array<bool, 5> output_mask) {
   const char* op = "lora_linear_backward";
   const LoraLinearParams pb =
       check_lora_linear(op, x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out);

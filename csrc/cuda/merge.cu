@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) merge_write_kernel(
       const int i = f % kRows;
       if (cls[i] == 1 + f / kRows) {
         if (f < kRows) {
-          entries[pos] = mm::pack_entry(q - q_begin, d[i]);
+          entries[pos] = mm::pack_entry(static_cast<int32_t>(q - q_begin), d[i]);
         } else {
           esc_index[pos] = (p0 + i) * g.Q + q;
           esc_value[pos] = w[i];
@@ -201,8 +201,9 @@ __global__ void __launch_bounds__(kThreads) merge_write_kernel(
   }
 }
 
-template <class S>
-__global__ void __launch_bounds__(kThreads) unmerge_kernel(const MergeParams<typename S::bits_t> g) {
+// w = R(fma(+-s, acc, w)) in place: unmerge_'s candidates (kMerge false) or the merge without a record.
+template <class S, bool kMerge>
+__global__ void __launch_bounds__(kThreads) apply_kernel(const MergeParams<typename S::bits_t> g) {
   extern __shared__ float4 u4[];
   typename S::bits_t* __restrict__ W = g.W;
   const int64_t p0 = static_cast<int64_t>(blockIdx.x) * kRows, cb = blockIdx.y;
@@ -215,7 +216,12 @@ __global__ void __launch_bounds__(kThreads) unmerge_kernel(const MergeParams<typ
     for (int i = 0; i < kRows; ++i) {
       const int64_t p = p0 + i;
       if (p >= g.P) break;
-      W[p * g.Q + q] = mm::unmerged<S>(W[p * g.Q + q], g.s, acc[i]);
+      if constexpr (kMerge) {
+        bool ok;
+        W[p * g.Q + q] = mm::merged<S>(W[p * g.Q + q], g.s, acc[i], ok);
+      } else {
+        W[p * g.Q + q] = mm::unmerged<S>(W[p * g.Q + q], g.s, acc[i]);
+      }
     }
   }
 }
@@ -230,7 +236,7 @@ dim3 launch_grid(const char* op, const MergeParams<void>& g) {
 }
 
 template <class S>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const MergeProblem& mp) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const MergeProblem& mp, bool record) {
   using bits_t = typename S::bits_t;
   const dim3 grid = launch_grid("merge_", mp.params);
   const MergeParams<bits_t> g = mp.params.as<bits_t>();
@@ -250,6 +256,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const Merg
 
   const int64_t bad = first_bad.item<int64_t>();
   if (bad != -1) fail_nonfinite("merge_", mp, bad);
+  if (!record) {
+    apply_kernel<S, true><<<grid, kThreads, shmem, stream>>>(g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return empty_record(mp);
+  }
   const auto small_incl = at::cumsum(counts, 0, at::kLong);
   const auto esc_incl = at::cumsum(esc_counts, 0, at::kLong);
   const int64_t M = small_incl[-1].item<int64_t>(), E = esc_incl[-1].item<int64_t>();
@@ -272,18 +283,19 @@ void unmerge_impl(const MergeProblem& mp) {
   if (mp.S.numel() == 0) return;
   const MergeParams<bits_t> g = mp.params.as<bits_t>();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  unmerge_kernel<S><<<grid, kThreads, static_cast<size_t>(g.r) * sizeof(float4), stream>>>(g);
+  apply_kernel<S, false><<<grid, kThreads, static_cast<size_t>(g.r) * sizeof(float4), stream>>>(g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cuda(at::Tensor& weight,
                                                                                  const at::Tensor& lora_A,
                                                                                  const at::Tensor& lora_B,
-                                                                                 double scale, bool fan_in_fan_out) {
+                                                                                 double scale, bool fan_in_fan_out,
+                                                                                 bool record) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const MergeProblem mp = prepare_merge("merge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
   return dispatch_storage("merge_", mp.S.scalar_type(),
-                          [&](auto tag) { return merge_impl<typename decltype(tag)::type>(mp); });
+                          [&](auto tag) { return merge_impl<typename decltype(tag)::type>(mp, record); });
 }
 
 void unmerge_cuda(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scale,

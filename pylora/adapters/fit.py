@@ -20,7 +20,7 @@ from pylora.adapters.errors import AdapterError
 from pylora.adapters.format import CONFIG_NAME, ROLE_SUFFIX, TASK_HEADS, Adapter, ModuleWeights
 from pylora.nn.config import LoraConfig, names_module
 from pylora.nn.inject import plain_modules, plain_state, saved_module_names, target_names
-from pylora.nn.kinds import SUPPORTED, factor_shapes, module_kind
+from pylora.nn.kinds import SUPPORTED, factor_dtype, factor_shapes, features, module_kind, quantization
 from pylora.util.names import dtype_name, shape
 from pylora.util.patterns import PatternError
 
@@ -69,10 +69,19 @@ def beyond_range(af: Adapter, name: str, suffix: str, dtype: torch.dtype) -> str
 
 
 def lora_dtype_for(module: nn.Module) -> torch.dtype:
-    """The dtype of a LoRA layer's factors over `module` (LoraLayer's rule): float32 over a half-precision
-    base, else the base's dtype."""
-    dtype = module.weight.dtype
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    """The dtype of a LoRA layer's factors over `module` (LoraLayer's rule, pylora.nn.kinds.factor_dtype):
+    float32 over a half-precision or quantized base, else the base's dtype."""
+    return factor_dtype(module)
+
+
+def _weight_shape(module: nn.Module) -> str:
+    """The module's weight shape for messages; a quantized weight's logical [O, I] (a packed 4-bit weight
+    has another storage shape)."""
+    q = quantization(module)
+    if q is None:
+        return f"weight {shape(module.weight)}"
+    I, O = features(module)
+    return f"{q.description}, weight [{O}, {I}]"
 
 
 def _embedding_names(model: nn.Module) -> set[str]:
@@ -164,7 +173,7 @@ def _fit(af: Adapter, model: nn.Module, strict: bool, lora_dtype: Optional[torch
             if t is not None and tuple(t.shape) != expected[role]:
                 ok = False
                 problems.append(f"{wf}: key {prefix}{name}.{ROLE_SUFFIX[family, role]}: shape {shape(t)} does not "
-                                f"fit {model_name}.{name} ({type(module).__name__}, weight {shape(module.weight)}): "
+                                f"fit {model_name}.{name} ({type(module).__name__}, {_weight_shape(module)}): "
                                 f"expected {list(expected[role])}")
         dtype = lora_dtype or lora_dtype_for(module)
         for role, t in (("A", mw.lora_A), ("B", mw.lora_B), ("B_bias", mw.lora_B_bias)):
@@ -178,8 +187,7 @@ def _fit(af: Adapter, model: nn.Module, strict: bool, lora_dtype: Optional[torch
         if name in af.modules:
             continue
         message = missing_module(af, cfg, name, module_kind(modules[name]))
-        W = modules[name].weight
-        r, limit = cfg.rank_for(name), max(W.shape)
+        r, limit = cfg.rank_for(name), max(features(modules[name]))
         if strict:
             problems.append(message)
         elif r > limit:

@@ -97,7 +97,7 @@ class Update:
             _check_finite(w, self.value)
         elif self.kind == "lora":
             ops.merge_(w.view(w.shape[0], -1) if w.dim() == 4 else w, self.A, self.B, self.scale,
-                       fan_in_fan_out=self.fan_in_fan_out)
+                       fan_in_fan_out=self.fan_in_fan_out, record=False)  # a checkpoint is never unmerged
         else:
             # PEFT's bias.data += lora_B.bias * scaling, rounded once into w's dtype and checked first.
             w.copy_(ops.merge_bias(w, self.value, self.scale))

@@ -9,7 +9,10 @@ import sys
 
 # pylora.checkpoint.OUT_DTYPES' names, here without importing torch before the arguments are parsed.
 OUT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
-BENCH_SUITES = ("merge", "train", "multi", "all")
+# pylora.bench's GROUPS and SUITES, here without importing torch before the arguments are parsed
+# (tests/bench/test_suites.py checks that the two agree).
+BENCH_SUITES = ("all", "merge", "train", "multi", "checkpoint", "train-layer", "train-model", "multi-kernel",
+                "multi-model", "merge-checkpoint")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,13 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_command("demo"))
 
-    p = sub.add_parser("bench", help="run the benchmark suites (quick by default), print tables, write JSON and a chart")
+    p = sub.add_parser("bench", formatter_class=_HelpFormatter,
+                       help="run the benchmark suites (quick by default), print tables, write JSON and a chart",
+                       description="Run benchmark suites, each in its own process (python -m pylora.bench.<suite>): "
+                                   "methods interleaved in rounds, the machine's limits measured in the same run, "
+                                   "sanity checks that fail the command when a result beats its floor or a model beats "
+                                   "its own base. The suites ship with the package. The model-level suites need "
+                                   "transformers (skipped with a message without it); PEFT baselines need peft; the "
+                                   "chart needs matplotlib.")
     p.add_argument("suite", nargs="?", default="all", choices=BENCH_SUITES,
                    help="the suite to run: merge (merge/unmerge kernels), train (the LoRA layer and a model's training "
-                        "step), multi (many adapters in one batch: kernels and a model) or all of them (default: all)")
-    p.add_argument("--full", action="store_true", help="the complete sweeps (long on a small CPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default="bench-results", help="folder for the JSON and the chart (default: bench-results)")
+                        "step: train-layer, train-model), multi (many adapters in one batch: multi-kernel, "
+                        "multi-model), checkpoint (merge-checkpoint: pylora merge on a checkpoint on disk), one of "
+                        "those suites by name, or all of them (default: all)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", default=True,
+                      help="small sizes and sweeps, seconds to a minute per suite (the default)")
+    size.add_argument("--full", action="store_true", help="the complete sweeps at full sizes (long on a small CPU)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="where to run (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads in every suite (default: torch's own, all cores); on a shared machine use 1")
+    p.add_argument("--clock", default="auto", choices=("auto", "wall", "thread"),
+                   help="CPU timing: wall time, or the thread's CPU time (needs --threads 1); auto: thread with "
+                        "--threads 1, wall otherwise; CUDA always uses events")
+    p.add_argument("--out", default="bench-results", metavar="DIR", help="folder for the JSON files and the chart")
+    p.add_argument("--suite-args", default=None, metavar="ARGS",
+                   help="more options for every suite run, quoted (e.g. --suite-args '--hidden 1024 --layers 4'); "
+                        "see python -m pylora.bench.<suite> --help")
     p.set_defaults(func=_command("bench"))
 
     p = sub.add_parser("merge", formatter_class=_HelpFormatter,

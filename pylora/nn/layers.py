@@ -2,11 +2,16 @@
 
 Each wraps the original module as `base_layer` (frozen by mark_only_lora_trainable) and holds A and
 B as parameters `lora_A` and `lora_B` with PEFT's shapes:
-  Linear / Conv1D  A [r, I], B [O, r]; the forward is pylora's fused op (ops.lora_linear)
+  Linear / Conv1D  A [r, I], B [O, r]; the forward is pylora's fused op (ops.lora_linear), or, over a
+                   quantized base (torchao, bitsandbytes: pylora.nn.kinds.quantization), the base
+                   layer's own forward plus pylora's LoRA-only op (ops.lora_multi) for the r-wide part
   Embedding        A [r, V], B [D, r]; PEFT's semantics: the lookup goes through A, then B
   Conv2d           A [r, C_in, kh, kw] (a conv with the base kernel, stride, padding), B [C_out, r, 1, 1]
 Embedding and Conv2d run their LoRA path with torch ops (their compute is the base layer's own op
 plus r-wide products; no fused kernel yet). Merging uses pylora's exact merge_/unmerge_ for all four.
+Merging into a quantized weight is refused unless asked for with merge(dequantize=True): then the
+weight is dequantized, merged exactly in float32 and requantized with its own scheme
+(pylora.nn.quantized), and unmerge() puts the original quantized weight back.
 """
 from __future__ import annotations
 
@@ -19,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pylora import ops
+from pylora.ops.linear import draw_seed
 from pylora.nn.config import lora_scale
-from pylora.nn.kinds import SUPPORTED, is_conv1d, module_kind
+from pylora.nn.kinds import SUPPORTED, factor_dtype, features, is_conv1d, module_kind, quantization
+from pylora.nn import quantized as quant
 
 
 @torch.no_grad()
@@ -37,6 +44,9 @@ def init_lora_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, init_lora_weig
     else:
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
     nn.init.zeros_(lora_B)
+
+
+_DENSE = (torch.Tensor, nn.Parameter)
 
 
 class LoraLayer(nn.Module):
@@ -61,15 +71,20 @@ class LoraLayer(nn.Module):
         self._merged_version: Optional[int] = None
         self._bias_before: Optional[torch.Tensor] = None  # lora_bias: the base bias before merge()
         self._merged_bias_version: Optional[int] = None
+        self._requantized: Optional[quant.Requantized] = None  # merge(dequantize=True) over a quantized base
 
     @property
     def scaling(self) -> float:
         return lora_scale(self.r, self.lora_alpha, self.use_rslora)
 
+    @property
+    def quantization(self):
+        """How the base weight is quantized (pylora.nn.kinds.Quantization), or None for a dense base."""
+        return quantization(self.base_layer)
+
     def _param_dtype(self) -> torch.dtype:
-        # LoRA factors train in fp32 when the base is half precision (as PEFT does by default).
-        w = self.base_layer.weight
-        return torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        # LoRA factors train in fp32 over a half-precision or quantized base (as PEFT does by default).
+        return factor_dtype(self.base_layer)
 
     # The merge view of the base weight: merge_ sees W [O, I] (or [I, O] with fan_in_fan_out).
     def _merge_args(self):
@@ -81,27 +96,75 @@ class LoraLayer(nn.Module):
                           "bias: merging it will be refused (as PEFT refuses it); it trains and serves unmerged",
                           stacklevel=4)
 
-    def check_mergeable(self) -> None:
+    def check_mergeable(self, dequantize: bool = False) -> None:
         """ValueError when merge() cannot be done whatever the values: lora_bias with no base bias to take
-        lora_B's bias (PEFT refuses that merge too). Model-level merge asks every layer before writing."""
+        lora_B's bias (PEFT refuses that merge too); a quantized base weight without dequantize=True, or one
+        whose scheme cannot be requantized. Model-level merge asks every layer before writing."""
         if getattr(self, "lora_B_bias", None) is not None and getattr(self.base_layer, "bias", None) is None:
             raise ValueError(f"{type(self).__name__}.merge: the adapter has lora_bias=True, but the base "
                              f"{type(self.base_layer).__name__} has no bias to merge lora_B's bias into; serve it "
                              "unmerged")
+        q = self.quantization
+        if q is None:
+            return
+        what = f"{type(self).__name__}.merge: the base weight is quantized with {q.description}"
+        if not dequantize:
+            raise ValueError(f"{what}; merging into it is refused, since a quantized weight cannot hold the "
+                             "update exactly. Serve the adapter unmerged over the quantized base, or ask for a "
+                             "dequantize-merge-requantize (rounded to the quantization grid; unmerge() restores the "
+                             "original): merge(dequantize=True), pylora.merge(model, dequantize=True) or "
+                             "pylora.merge_and_unload(model, dequantize=True)")
+        if not isinstance(self, LoraLinear):
+            raise ValueError(f"{what}: dequantize-merge-requantize supports Linear layers only")
+        problem = quant.requantize_problem(self.base_layer)
+        if problem is not None:
+            raise ValueError(f"{what}: {problem}")
+
+    def merge_cannot_fail(self) -> bool:
+        """True when merge(record=False) cannot refuse this layer's values (a dense weight whose bound rules
+        out overflow, and a lora_bias that merges finitely): such a merge needs no record to be undone."""
+        if self.merged or self.quantization is not None:
+            return False
+        extra = getattr(self, "lora_B_bias", None)
+        if extra is not None:
+            try:
+                self.check_mergeable()
+                ops.merge_bias(self.base_layer.bias, extra, self.scaling)
+            except ValueError:
+                return False
+        W, A, B, _ = self._merge_args()
+        return ops.merge_cannot_overflow(W, A, B, self.scaling)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, dequantize: bool = False, record: bool = True) -> None:
         """Fold the adapter into the base weight (and, with lora_bias, lora_B's bias into the base bias),
         exactly reversibly by unmerge(). All or nothing: every refusal (ValueError: a non-finite result,
-        named with its position) comes before anything is written."""
+        named with its position) comes before anything is written.
+
+        Over a quantized base weight (torchao, bitsandbytes) merging is refused unless dequantize=True:
+        then the weight is dequantized to float32, the adapter merged into it as into a float32 weight
+        (merge_'s arithmetic), and the result quantized again with the weight's own scheme
+        (pylora.nn.quantized), so the merged layer computes the dequantized-weight update rounded to the
+        quantization grid, not the exact one. unmerge() puts the original quantized weight back (the
+        layer holds it while merged: the quantized weight's memory again). dequantize=True changes nothing
+        for a dense base.
+
+        record=False merges a dense weight without building the exact-unmerge record (the same merged
+        weight, less work): the layer then cannot be unmerged, only dropped (merge_and_unload)."""
         if self.merged:
             raise RuntimeError(f"{type(self).__name__}.merge: the adapter is already merged")
-        self.check_mergeable()
+        self.check_mergeable(dequantize)
         extra = getattr(self, "lora_B_bias", None)
         bias = self.base_layer.bias if extra is not None else None
         new_bias = ops.merge_bias(bias, extra, self.scaling) if extra is not None else None
-        W, A, B, fifo = self._merge_args()
-        self._record = ops.merge_(W, A, B, self.scaling, fan_in_fan_out=fifo)  # refuses before writing
+        if self.quantization is not None:
+            W = quant.dequantize(self.base_layer)
+            _, A, B, fifo = self._merge_args()
+            ops.merge_(W, A.float(), B.float(), self.scaling, fan_in_fan_out=fifo)  # refuses before writing
+            self._requantized = quant.requantize(self.base_layer, W)
+        else:
+            W, A, B, fifo = self._merge_args()
+            self._record = ops.merge_(W, A, B, self.scaling, fan_in_fan_out=fifo, record=record)  # refuses first
         if new_bias is not None:
             self._bias_before = bias.detach().clone()
             bias.copy_(new_bias)
@@ -114,14 +177,23 @@ class LoraLayer(nn.Module):
         """Take the adapter back out: the base weight (and bias) are restored bit for bit."""
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__}.unmerge: the adapter is not merged")
+        if self._record is None and self._requantized is None:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: the adapter was merged without a record "
+                               "(merge(record=False)): it cannot be unmerged, only dropped")
         bias = self.base_layer.bias if self._bias_before is not None else None
-        if self.base_layer.weight._version != self._merged_version or \
-                (bias is not None and bias._version != self._merged_bias_version):
-            what = "weight" if self.base_layer.weight._version != self._merged_version else "bias"
+        W = self.base_layer.weight
+        weight_changed = W._version != self._merged_version or \
+            (self._requantized is not None and W is not self._requantized.merged)
+        if weight_changed or (bias is not None and bias._version != self._merged_bias_version):
+            what = "weight" if weight_changed else "bias"
             raise RuntimeError(f"{type(self).__name__}.unmerge: the merged {what} was modified after merge(); "
                                "the exact unmerge record no longer applies")
-        W, A, B, fifo = self._merge_args()
-        ops.unmerge_(W, A, B, self.scaling, self._record.to(W.device), fan_in_fan_out=fifo)
+        if self._requantized is not None:
+            self._requantized.restore(self.base_layer)
+            self._requantized = None
+        else:
+            W, A, B, fifo = self._merge_args()
+            ops.unmerge_(W, A, B, self.scaling, self._record.to(W.device), fan_in_fan_out=fifo)
         if bias is not None:
             bias.copy_(self._bias_before)
             self._bias_before = None
@@ -169,7 +241,8 @@ class LoraLinear(LoraLayer):
             fan_in_fan_out = False
         self.fan_in_fan_out = fan_in_fan_out
         W = base_layer.weight
-        self.in_features, self.out_features = (W.shape[0], W.shape[1]) if fan_in_fan_out else (W.shape[1], W.shape[0])
+        # From the module's attributes: a quantized (packed) weight may have another shape.
+        self.in_features, self.out_features = features(base_layer)
         kw = {"dtype": self._param_dtype(), "device": W.device}
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **kw))
@@ -189,6 +262,10 @@ class LoraLinear(LoraLayer):
         if self.disabled:
             return base(x, *args, **kwargs)
         W, b = base.weight, base.bias
+        # A dense weight is a plain Tensor or Parameter: that test alone, which torch.compile folds, on
+        # the common path; a quantized weight is a subclass (torchao) or a bitsandbytes Parameter.
+        if type(W) not in _DENSE and self.quantization is not None:
+            return self._forward_quantized(x, *args, **kwargs)
         dtype = W.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -199,6 +276,26 @@ class LoraLinear(LoraLayer):
         return ops.lora_linear(cast(x), cast(W), cast(b), cast(self.lora_A), cast(self.lora_B), self.scaling,
                                dropout_p=self.lora_dropout if self.training else 0.0,
                                fan_in_fan_out=self.fan_in_fan_out)
+
+    def _forward_quantized(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """y = base(x) + s * drop(x) A^T B^T: the quantized base through its own forward, the r-wide part
+        through lora_multi with this layer as the one adapter owning every token (tok_idx = 0..T-1), whose
+        dropout mask is lora_linear's for the same seed and token. It computes in the input's dtype (the
+        autocast dtype under autocast), as the dense path does; the factors stay float32 parameters."""
+        y = self.base_layer(x, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        T = x2.shape[0]
+        p = self.lora_dropout if self.training else 0.0
+        cast = (lambda t: t if t.dtype == dtype else t.to(dtype))
+        delta = ops.lora_multi(x2, [cast(self.lora_A)], [cast(self.lora_B)], [self.scaling], [0, T],
+                               torch.arange(T, device=x2.device), dropout_p=[p],
+                               seeds=[int(draw_seed()) if p > 0 else 0], check=False)
+        if self.lora_B_bias is not None:
+            delta = delta + cast(self.lora_B_bias * self.scaling)
+        return y + delta.view(*y.shape[:-1], delta.shape[-1]).to(y.dtype)
 
 
 class LoraEmbedding(LoraLayer):

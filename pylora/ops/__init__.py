@@ -9,8 +9,8 @@ from pylora.ops import reference  # noqa: F401
 from pylora.ops.apply import lora_apply_
 from pylora.ops.dispatch import OPS, backend, reference_mode
 from pylora.ops.linear import lora_linear, lora_linear_backward
-from pylora.ops.merge import MergeRecord, merge_, merge_bias, unmerge_
+from pylora.ops.merge import MergeRecord, merge_, merge_bias, merge_cannot_overflow, unmerge_
 from pylora.ops.multi import lora_multi
 
-__all__ = ["OPS", "backend", "reference_mode", "reference", "MergeRecord", "merge_", "merge_bias", "unmerge_", "lora_linear",
+__all__ = ["OPS", "backend", "reference_mode", "reference", "MergeRecord", "merge_", "merge_bias", "merge_cannot_overflow", "unmerge_", "lora_linear",
            "lora_linear_backward", "lora_apply_", "lora_multi"]

@@ -5,7 +5,7 @@ import torch
 
 from pylora import _ext
 from pylora.ops import reference as ref
-from pylora.ops.dispatch import compiled, reference_forced
+from pylora.ops.dispatch import impl
 
 
 def lora_apply_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, B_rows: torch.Tensor,
@@ -39,14 +39,10 @@ def lora_apply_(y: torch.Tensor, x: torch.Tensor, A_rows: torch.Tensor, B_rows: 
                 raise RuntimeError(f"lora_apply_: {name}.requires_grad=True, but the op has no autograd formula "
                                    "(gradients through the pool are not provided); call it under torch.no_grad() "
                                    "or torch.inference_mode()")
-    kernel = None if reference_forced() else compiled("lora_apply_", y.device.type)
-    if kernel is None:
-        ref.lora_apply_(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
-        return
     if check and row_ptr.device.type != "cpu":
         ref.check_lora_apply_args("lora_apply_", y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
         ref.check_lora_apply_plan(row_ptr, row_idx, seg_ptr, seg_slot, y.shape[0], A_rows.shape[0])
-    kernel(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
+    impl("lora_apply_")(y, x, A_rows, B_rows, row_ptr, row_idx, scales, seg_ptr, seg_slot)
 
 
 if _ext.loaded:

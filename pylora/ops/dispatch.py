@@ -1,10 +1,11 @@
 """Which implementation an op runs: the compiled kernel for the tensors' device when there is one,
-otherwise its pure-torch twin in pylora.ops.reference (also forced by reference_mode, for tests)."""
+otherwise its pure-torch twin in pylora.ops.reference (also forced by reference_mode, for tests). The
+dispatcher decides, per call, from the tensors' device: the reference is registered as each op's
+fallback kernel."""
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 
 import torch
 
@@ -27,27 +28,28 @@ def reference_mode(enabled: bool = True):
         _force_reference.reset(token)
 
 
-def reference_forced() -> bool:
-    return _force_reference.get()
-
-
 def backend(op: str, device: torch.device | str) -> str:
-    """"kernel" when `op` runs compiled code for tensors on `device`, else "reference"."""
+    """"kernel" when `op` runs compiled code for tensors on `device`, else "reference" (what `pylora info`
+    reports; the calls themselves go through the dispatcher, see impl)."""
     dev = torch.device(device)
     if not _force_reference.get() and _ext.has_kernel(op, dev.type):
         return "kernel"
     return "reference"
 
 
-@functools.lru_cache(maxsize=None)
-def compiled(op: str, device_type: str):
-    """torch.ops.pylora.<op> when it has a kernel for `device_type`, else None; looked up once, since the
-    per-layer serving path calls lora_apply_ once per wrapped module per forward."""
-    return getattr(torch.ops.pylora, op) if _ext.has_kernel(op, device_type) else None
+def impl(op: str, device: torch.device | str | None = None):
+    """The callable that runs `op`: torch.ops.pylora.<op>, whose dispatcher picks the compiled kernel for
+    the tensors' device or, on a device without one, the reference (registered as the op's fallback
+    below); the reference itself when the extension is not loaded or reference_mode() is on.
+    No per-call question to the dispatcher, so torch.compile traces the op (via its fake) with no
+    graph break. `device` is accepted for callers that name it; the dispatcher decides."""
+    if not _ext.loaded or (not torch.compiler.is_compiling() and _force_reference.get()):
+        return getattr(ref, op)
+    return getattr(torch.ops.pylora, op)
 
 
-def impl(op: str, device: torch.device):
-    """The callable that runs `op` for tensors on `device`: the compiled op or its reference twin."""
-    if backend(op, device) == "kernel":
-        return getattr(torch.ops.pylora, op)
-    return getattr(ref, op)
+# The reference twin as every op's fallback kernel: a device with no compiled kernel (MPS, XPU, a build
+# without CUDA) runs it through the dispatcher, below the op's own autograd.
+if _ext.loaded:
+    for _op in OPS:
+        torch.library.impl(f"pylora::{_op}", "CompositeExplicitAutograd")(getattr(ref, _op))

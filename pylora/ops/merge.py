@@ -1,6 +1,7 @@
 """merge_ / unmerge_: fold a LoRA update into a weight in place and take it back out bit for bit."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ class MergeRecord:
 
 
 def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-           fan_in_fan_out: bool = False) -> MergeRecord:
+           fan_in_fan_out: bool = False, record: bool = True) -> MergeRecord | None:
     """Fold a LoRA update into a weight in place, exactly reversibly.
 
     Semantics: weight[o, i] = R(w + scale * sum_k B[o, k] * A[k, i]) with the sum as an fp32 fma
@@ -51,10 +52,12 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     Shapes: weight [O, I] ([I, O] when fan_in_fan_out), lora_A [r, I], lora_B [O, r];
     weight float32, float16 or bfloat16, contiguous or transposed-contiguous; lora_A/lora_B any of
     those dtypes. Raises ValueError, writing nothing, on bad arguments or a non-finite result.
-    Returns the MergeRecord that unmerge_ uses to restore the weight bit for bit.
+    Returns the MergeRecord that unmerge_ uses to restore the weight bit for bit; with record=False the
+    same merged weight and None (no record is built: a merge that is never undone, such as
+    merge_and_unload or merging a checkpoint, skips that work).
     """
-    out = impl("merge_", weight.device)(weight, lora_A, lora_B, float(scale), bool(fan_in_fan_out))
-    return MergeRecord(*out)
+    out = impl("merge_", weight.device)(weight, lora_A, lora_B, float(scale), bool(fan_in_fan_out), bool(record))
+    return MergeRecord(*out) if record else None
 
 
 def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
@@ -67,6 +70,22 @@ def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
     """
     impl("unmerge_", weight.device)(weight, lora_A, lora_B, float(scale), bool(fan_in_fan_out),
                                      *record.tensors())
+
+
+def merge_cannot_overflow(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> bool:
+    """True when merge_(weight, lora_A, lora_B, scale) cannot refuse: the weight is finite and max|W| plus
+    a bound on every update element, |scale| * max_o sum_k |B[o, k]| * max |A|, stays below the weight
+    dtype's largest value (with margins for the fp32 roundings, as the kernels' own pre-check). False
+    means "might refuse", not "will". One read of the weight."""
+    if weight.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(weight.detach())
+    wmax = max(-float(lo), float(hi))
+    dmax = abs(float(scale)) * float(lora_B.detach().abs().double().sum(1).max()) * \
+        float(lora_A.detach().abs().double().max())
+    if not (math.isfinite(wmax) and math.isfinite(dmax)):
+        return False
+    return (wmax + dmax * 1.001) * 1.001 < torch.finfo(weight.dtype).max
 
 
 def merge_bias(bias: torch.Tensor, lora_B_bias: torch.Tensor, scale: float) -> torch.Tensor:
@@ -97,7 +116,10 @@ def merge_bias(bias: torch.Tensor, lora_B_bias: torch.Tensor, scale: float) -> t
 if _ext.loaded:
 
     @torch.library.register_fake("pylora::merge_")
-    def _merge_fake(weight, lora_A, lora_B, scale, fan_in_fan_out):
+    def _merge_fake(weight, lora_A, lora_B, scale, fan_in_fan_out, record=True):
+        if not record:
+            return (weight.new_empty(0, dtype=torch.int16), weight.new_empty(0, dtype=torch.int16),
+                    weight.new_empty(0, dtype=torch.int64), weight.new_empty(0))
         P, Q = weight.shape if weight.is_contiguous() else (weight.shape[1], weight.shape[0])
         chunks = P * (-(-Q // ref.CHUNK))
         ctx = torch.library.get_ctx()

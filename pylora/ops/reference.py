@@ -36,22 +36,60 @@ def _dtype_name(dt: torch.dtype) -> str:
 # fp32 arithmetic with one rounding per operation, as the kernels do it
 # ----------------------------------------------------------------------------------------------
 
-def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """fp32 fma(a, b, c) = round(a * b + c), one rounding, elementwise with broadcasting.
+_F32_MIN_NORMAL = 2.0 ** -126
+# Elements a row chunk of the fp32 chains holds: float64 temporaries that stay in the cache.
+_CHUNK_ELEMENTS = 1 << 18
 
-    Semantics: float64 holds a * b exactly (24 + 24 bits); the float64 sum is made round-to-odd
-    from its exact error (TwoSum), and a 53-bit round-to-odd value rounds correctly to 24 bits
-    (Boldo and Melquiond, "Emulation of FMA and correctly rounded sums", 2008).
-    """
-    a, b, c = a.double(), b.double(), c.double()
-    p = a * b
-    s = p + c
+
+def _fma32_round_to_odd(a64: torch.Tensor, b64: torch.Tensor, c64: torch.Tensor) -> torch.Tensor:
+    """fp32 fma on float64 operands holding fp32 values, exactly: float64 holds a * b exactly (24 + 24
+    bits); the float64 sum is made round-to-odd from its exact error (TwoSum), and a 53-bit round-to-odd
+    value rounds correctly to 24 bits (Boldo and Melquiond, "Emulation of FMA and correctly rounded sums",
+    2008)."""
+    p = a64 * b64
+    s = p + c64
     bb = s - p
-    err = (p - (s - bb)) + (c - bb)
+    err = (p - (s - bb)) + (c64 - bb)
     odd = (s.contiguous().view(torch.int64) & 1) == 1
     toward = torch.where(err > 0, math.inf, -math.inf).to(s.dtype)
     s = torch.where((err != 0) & ~odd, torch.nextafter(s, toward), s)
     return s.float()
+
+
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None,
+          tiny: bool = True) -> torch.Tensor:
+    """fp32 fma(a, b, c) = round(a * b + c), one rounding, elementwise with broadcasting (into `out`, a
+    float32 tensor of the broadcast shape, when given).
+
+    Semantics: s = a * b + c in float64 (a * b is exact there, so s is the sum rounded once to 53 bits),
+    then rounded to float32: the correct fp32 fma except where that double rounding can differ from one
+    rounding, i.e. where s lies exactly on a float32 midpoint (the 29 bits below float32's last one are
+    1000...0) or, unless the caller rules it out with tiny=False, in float32's subnormal range (where the
+    midpoints sit elsewhere). Those elements are recomputed exactly (round-to-odd). Bits identical to an
+    fp32 fma instruction.
+    """
+    a64, b64, c64 = a.double(), b.double(), c.double()
+    s = torch.addcmul(c64, a64, b64)
+    r = s.float() if out is None else out.copy_(s)
+    suspect = (s.view(torch.int64) & 0x1FFFFFFF) == 0x10000000
+    if tiny:
+        suspect |= (s.abs() < _F32_MIN_NORMAL) & (s != 0)
+    if bool(suspect.any()):
+        idx = suspect.nonzero(as_tuple=True)
+        shape = s.shape
+        r[idx] = _fma32_round_to_odd(a64.expand(shape)[idx], b64.expand(shape)[idx], c64.expand(shape)[idx])
+    return r
+
+
+def _no_subnormal_chain(U: torch.Tensor, V: torch.Tensor) -> bool:
+    """True when no partial sum of any fp32 chain over U[p, k] * V[k, q] can fall in float32's subnormal
+    range: every product is a multiple of quantum(u) quantum(v) >= |u| |v| 2^-48 (u, v normal), every
+    partial sum (exact, or rounded onto a coarser grid) a multiple of the smallest such quantum, so a
+    nonzero one is at least that large; >= 2^-126 rules the range out."""
+    nu, nv = U[U != 0].abs(), V[V != 0].abs()
+    if nu.numel() == 0 or nv.numel() == 0:
+        return True
+    return float(nu.min()) * float(nv.min()) * 2.0 ** -48 >= _F32_MIN_NORMAL
 
 
 def _products_exact(U: torch.Tensor, V: torch.Tensor) -> bool:
@@ -65,14 +103,36 @@ def _products_exact(U: torch.Tensor, V: torch.Tensor) -> bool:
     return nz_u.abs().min().double().item() * nz_v.abs().min().double().item() >= 2.0 ** -126
 
 
-def lora_product_fp32(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """acc[P, Q] = the fp32 fma chain over k of U[p, k] * V[k, q], k = 0 .. r-1 in order."""
+def chain_kind(U: torch.Tensor, V: torch.Tensor) -> tuple[bool, bool]:
+    """(exact, tiny) of the fp32 chains over U[p, k] * V[k, q]: every product exact in fp32 (then plain
+    fp32 adds are the fmas), and whether a partial sum may fall in float32's subnormal range."""
     exact = _products_exact(U, V)
-    U32, V32 = U.float(), V.float()
-    acc = torch.zeros(U.shape[0], V.shape[1], dtype=torch.float32, device=U.device)
-    for k in range(U.shape[1]):
-        u, v = U32[:, k : k + 1], V32[k : k + 1, :]
-        acc = acc + u * v if exact else fma32(u, v, acc)
+    return exact, not exact and not _no_subnormal_chain(U.float(), V.float())
+
+
+def _row_chunks(P: int, Q: int):
+    rows = max(1, _CHUNK_ELEMENTS // max(Q, 1))
+    for p0 in range(0, P, rows):
+        yield p0, min(P, p0 + rows)
+
+
+def lora_product_fp32(U: torch.Tensor, V: torch.Tensor, rows: tuple[int, int] | None = None,
+                      kind: tuple[bool, bool] | None = None) -> torch.Tensor:
+    """acc[P, Q] = the fp32 fma chain over k of U[p, k] * V[k, q], k = 0 .. r-1 in order (for U's rows
+    [p0, p1) when `rows` is given); row chunk by row chunk, so the temporaries stay in the cache. `kind`,
+    chain_kind(U, V) computed once by a caller that asks for many row ranges."""
+    p0, p1 = rows if rows is not None else (0, U.shape[0])
+    exact, tiny = kind if kind is not None else chain_kind(U, V)
+    U32, V32 = U[p0:p1].float(), V.float()
+    acc = torch.zeros(p1 - p0, V.shape[1], dtype=torch.float32, device=U.device)
+    for c0, c1 in _row_chunks(p1 - p0, V.shape[1]):
+        a = acc[c0:c1]
+        for k in range(U.shape[1]):
+            u, v = U32[c0:c1, k : k + 1], V32[k : k + 1, :]
+            if exact:
+                a.addcmul_(u, v)
+            else:
+                fma32(u, v, a, out=a, tiny=tiny)
     return acc
 
 
@@ -153,22 +213,34 @@ class _MergeProblem:
         return torch.tensor(sign * self.s, dtype=torch.float32, device=self.S.device)
 
 
-def merge_(weight, lora_A, lora_B, scale, fan_in_fan_out=False):
-    """Reference of torch.ops.pylora.merge_: returns the record (counts, entries, esc_index, esc_value)."""
+def merge_(weight, lora_A, lora_B, scale, fan_in_fan_out=False, record=True):
+    """Reference of torch.ops.pylora.merge_: returns the record (counts, entries, esc_index, esc_value), four
+    empty tensors with record=False."""
     mp = _MergeProblem("merge_", weight, lora_A, lora_B, scale, fan_in_fan_out)
     S, dtype = mp.S, mp.S.dtype
-    acc = lora_product_fp32(mp.U, mp.V)
-    w32 = S.float()
-    z = fma32(mp.s_tensor(), acc, w32)
-    y = _round_to(z, dtype)
-    bad = ~(torch.isfinite(z) & torch.isfinite(y))
-    if bool(bad.any()):
-        f = int(bad.flatten().nonzero()[0, 0])
-        p, q = divmod(f, mp.Q)
-        delta = mp.s * float(acc[p, q])
-        raise _value_error("merge_", f"the merged weight would not be finite at {mp.where(p, q)} "
-                                     f"(weight={float(w32[p, q]):g}, scale*(B@A)={delta:g}); nothing was written")
-    c = _round_to(fma32(mp.s_tensor(-1.0), acc, y.float()), dtype)
+    # Row chunk by row chunk (the fp32 chains' temporaries stay in the cache): the merged y and the
+    # unmerge candidate c; nothing is written to the weight until every chunk is finite.
+    y, c = torch.empty_like(S), torch.empty_like(S) if record else None
+    s_pos, s_neg, kind = mp.s_tensor(), mp.s_tensor(-1.0), chain_kind(mp.U, mp.V)
+    for p0, p1 in _row_chunks(mp.P, mp.Q):
+        acc = lora_product_fp32(mp.U, mp.V, (p0, p1), kind)
+        w32 = S[p0:p1].float()
+        z = fma32(s_pos, acc, w32)
+        y[p0:p1] = _round_to(z, dtype)
+        bad = ~(torch.isfinite(z) & torch.isfinite(y[p0:p1]))
+        if bool(bad.any()):
+            f = int(bad.flatten().nonzero()[0, 0])
+            p, q = divmod(f, mp.Q)
+            delta = mp.s * float(acc[p, q])
+            raise _value_error("merge_", f"the merged weight would not be finite at {mp.where(p0 + p, q)} "
+                                         f"(weight={float(w32[p, q]):g}, scale*(B@A)={delta:g}); nothing was "
+                                         "written")
+        if record:
+            c[p0:p1] = _round_to(fma32(s_neg, acc, y[p0:p1].float()), dtype)
+    if not record:
+        S.copy_(y)
+        return (torch.empty(0, dtype=torch.int16, device=S.device), torch.empty(0, dtype=torch.int16, device=S.device),
+                torch.empty(0, dtype=torch.int64, device=S.device), S.new_empty(0))
     wb, cb = _bits(S.contiguous()).flatten(), _bits(c).flatten()
     flat = (wb != cb).nonzero().flatten()
     d = _keys(wb[flat], dtype) - _keys(cb[flat], dtype)
@@ -230,8 +302,10 @@ def unmerge_(weight, lora_A, lora_B, scale, fan_in_fan_out, counts, entries, esc
     mp = _MergeProblem("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out)
     _check_record("unmerge_", mp, counts, entries, esc_index, esc_value)
     S, dtype = mp.S, mp.S.dtype
-    acc = lora_product_fp32(mp.U, mp.V)
-    S.copy_(_round_to(fma32(mp.s_tensor(-1.0), acc, S.float()), dtype))
+    s_neg, kind = mp.s_tensor(-1.0), chain_kind(mp.U, mp.V)
+    for p0, p1 in _row_chunks(mp.P, mp.Q):
+        acc = lora_product_fp32(mp.U, mp.V, (p0, p1), kind)
+        S[p0:p1] = _round_to(fma32(s_neg, acc, S[p0:p1].float()), dtype)
     flat = S.view(-1)
     if entries.numel():
         row, col = _entry_position(mp, counts, entries)
@@ -346,10 +420,21 @@ def _dropped(x, keep, dropout_p):
     return torch.where(keep, x * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _seed_value(op, seed) -> int:
+    """The ops take the seed as a one-element int64 CPU tensor (the kernels' message); the twin also an int."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+            raise _value_error(op, f"seed must be a one-element int64 tensor on the CPU, got "
+                                   f"{_dtype_name(seed.dtype)} of shape {_shape(seed)} on {seed.device}")
+        return int(seed)
+    return int(seed)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out):
     """Reference of torch.ops.pylora.lora_linear -> (y, h); plain torch, differentiable by autograd."""
     T, I, _, _ = _check_lora_linear("lora_linear", x, weight, bias, lora_A, lora_B, scale, dropout_p,
                                     fan_in_fan_out)
+    seed = _seed_value("lora_linear", seed)
     dx = _dropped(x, dropout_keep(seed, T, I, dropout_p, x.device), dropout_p) if dropout_p > 0 else x
     h = dx @ lora_A.t()
     w_io = weight if fan_in_fan_out else weight.t()
@@ -361,6 +446,7 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, h, scale, dropout_p,
     """Reference of torch.ops.pylora.lora_linear_backward -> (grad_x, grad_weight, grad_bias, grad_A, grad_B)."""
     op = "lora_linear_backward"
     T, I, O, r = _check_lora_linear(op, x, weight, None, lora_A, lora_B, scale, dropout_p, fan_in_fan_out)
+    seed = _seed_value(op, seed)
     _check_lora_linear_grads(op, T, O, r, x, grad_y, h)
     need_x, need_w, need_b, need_A, need_B = (bool(m) for m in output_mask)
     out = [x.new_empty(0) for _ in range(5)]

@@ -27,8 +27,10 @@ forward builds the graph, every row training the adapter it names, through pylor
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import warnings
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -125,9 +127,20 @@ class ServedLayer(nn.Module):
         self.base_layer = base_layer
         self.name = name
         object.__setattr__(self, "_server", server)  # a plain reference, not a submodule (no cycle)
+        self._key = next(_LAYER_KEYS)
+        _LAYERS[self._key] = weakref.ref(self)
 
     def forward(self, x, *args, **kwargs):
         y = self.base_layer(x, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Under torch.compile the batch (a host-side plan, found per thread) stays out of the graph:
+            # one opaque in-place op per layer, which applies the running batch when the graph runs.
+            torch.ops.pylora_serve.apply_batch_(y, x, self._key)
+            return y
+        return self._apply_batch(x, y)
+
+    def _apply_batch(self, x, y):
+        """y plus each row's LoRA update for the running batch (y itself, updated in place, or a new tensor)."""
         batch = self._server._batch()
         if batch is None:
             return y
@@ -194,6 +207,30 @@ class ServedEmbedding(ServedLayer):
         return out
 
 
+# The served layers by key, for the op below (a graph holds the key, an int, not the layer).
+_LAYERS: dict[int, "weakref.ref[ServedLayer]"] = {}
+_LAYER_KEYS = itertools.count()
+
+
+@torch.library.custom_op("pylora_serve::apply_batch_", mutates_args=("y",))
+def _apply_batch_op(y: torch.Tensor, x: torch.Tensor, key: int) -> None:
+    """What a served layer adds under torch.compile: y += each row's LoRA update for the running batch,
+    in place. Serving only: a training batch's graph needs the eager path's autograd."""
+    layer = _LAYERS[key]()
+    batch = layer._server._batch()
+    if batch is not None and batch.dropout:
+        raise RuntimeError("MultiLoRA: a compiled model serves (under torch.no_grad()); train adapters with the "
+                           "model uncompiled")
+    out = layer._apply_batch(x, y)
+    if out is not y:
+        y.copy_(out)
+
+
+@_apply_batch_op.register_fake
+def _(y, x, key):
+    return None
+
+
 class MultiLoRA(nn.Module):
     """Serves many LoRA adapters over one base model; see the module docstring.
 
@@ -213,7 +250,9 @@ class MultiLoRA(nn.Module):
                              "unload it first), and load the trained model as an adapter instead")
         if capacity_rows is not None and capacity_bytes is not None:
             raise ValueError("MultiLoRA: give capacity_rows or capacity_bytes, not both")
-        first = next(model.parameters())
+        # The first floating-point parameter: a quantized base's weights may be integers (bitsandbytes).
+        params = list(model.parameters())
+        first = next((p for p in params if p.is_floating_point()), params[0])
         # One frozen base: only adapters train (and only their gradients cross the wire under DDP).
         for p in model.parameters():
             p.requires_grad_(False)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pylora.nn.config import LoraConfig
+from pylora.ops import linear
 from pylora.nn.layers import init_lora_factors
 
 _M64 = (1 << 64) - 1
@@ -54,8 +55,8 @@ def module_draw(step_draw: int, module: str) -> int:
 
 
 def draw_seed() -> int:
-    """One draw from torch's default CPU generator (restored by torch.utils.checkpoint before a recompute)."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    """One draw from torch's default CPU generator, the one lora_linear makes for its dropout seed."""
+    return int(linear.draw_seed())
 
 
 def _key(module: str) -> str:
@@ -126,15 +127,22 @@ def per_adapter_loss(logits: torch.Tensor, labels: torch.Tensor, adapter_names: 
     if len(names) != logits.shape[0] or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"per_adapter_loss: adapter_names has {len(names)} entries, logits {logits.shape[0]} rows "
                          f"and labels {labels.shape[0]} rows; expected one name per row")
+    B, L, V = logits.shape
     if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=ignore_index, reduction="none").view(labels.shape)
-    counted = labels != ignore_index
-    losses = {}
-    for name in dict.fromkeys(n for n in names if n is not None):
-        rows = [i for i, n in enumerate(names) if n == name]
-        n = counted[rows].sum()
-        losses[name] = tokens[rows].sum() / n.clamp(min=1)
-    total = sum(losses.values()) if losses else logits.new_zeros((), dtype=torch.float32)
-    return total, losses
+        # Shift the labels, not the logits (as transformers' loss does): a slice of the logits would cost
+        # a full-size zero-filled gradient in backward.
+        labels = F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+    flat = logits.reshape(-1, V)
+    tokens = F.cross_entropy(flat if flat.dtype == torch.float32 else flat.float(), labels.reshape(-1),
+                             ignore_index=ignore_index, reduction="none").view(B, L)
+    counted = (labels != ignore_index).sum(1)
+    order = list(dict.fromkeys(n for n in names if n is not None))
+    if not order:
+        return logits.new_zeros((), dtype=torch.float32), {}
+    rows = [i for i, n in enumerate(names) if n is not None]
+    which = torch.tensor([order.index(names[i]) for i in rows], device=logits.device)
+    rows_t = torch.tensor(rows, device=logits.device)
+    sums = tokens.new_zeros(len(order)).index_add(0, which, tokens.sum(1).index_select(0, rows_t))
+    counts = counted.new_zeros(len(order)).index_add(0, which, counted.index_select(0, rows_t))
+    means = sums / counts.clamp(min=1)
+    return means.sum(), {name: means[i] for i, name in enumerate(order)}

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from pylora.bench import harness as h
 from tests.adapters.corpus import CASES as CORPUS
 from tests.helpers import PYTHON
 
@@ -42,11 +43,22 @@ def test_demo_small_run(python_env, tmp_path):
 
 @pytest.mark.slow
 def test_bench_merge_quick(python_env, tmp_path):
-    out = run(["bench", "merge", "--device", "cpu", "--out", str(tmp_path)], python_env, tmp_path)
+    """pylora bench merge --quick in a real process: the suite ships with the package, runs on the one
+    harness (one thread, its CPU time), passes its sanity checks and writes its JSON."""
+    out = run(["bench", "merge", "--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)], python_env,
+              tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    data = json.loads((tmp_path / "merge_cpu_quick.json").read_text())
-    assert data["rows"] and all(r["pylora_ms"] > 0 and r["record_pct"] >= 0 for r in data["rows"])
-    assert "| W | dtype | r |" in out.stdout
+    data = json.loads((tmp_path / "merge_cpu_1t_quick.json").read_text())
+    assert data["suite"] == "merge" and data["quick"] and data["sanity"]["failures"] == [] and data["sanity"]["checks"]
+    assert data["harness"]["clock"] == "thread" and data["machine"]["threads"] == 1
+    assert data["limits"]["copy_GBps"] > 0 and data["limits"]["bf16_matmul_TFLOPs"] > 0
+    rows = data["rows"]
+    assert rows and all(r["pylora_ms"] > 0 and r["record_pct"] >= 0 and r["unmerge_exact"] for r in rows)
+    assert all(r["pylora_ms"] >= h.FLOOR_SLACK * r["roofline_ms"] for r in rows)
+    for r in rows:  # every method timed in the same rounds, with its spread
+        assert set(r["stats"]) == {"pylora", "unmerge", "addmm", "peft", "careful"}
+        assert all(st["n"] >= 3 and st["q1_ms"] <= st["median_ms"] <= st["q3_ms"] for st in r["stats"].values())
+    assert "| W | dtype | r |" in out.stdout and "sanity checks passed" in out.stdout
 
 
 def test_cli_info_adapter(valid_adapter, tmp_path, python_env):

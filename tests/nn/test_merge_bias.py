@@ -1,6 +1,7 @@
 """Merging a lora_bias adapter (PEFT's lora_bias=True: lora_B has a bias, folded into the base bias): as
 PEFT merges it where the base has a bias, refused before anything is written where it has none or where
 the result would not be finite, and undone bit for bit by unmerge."""
+import copy
 import warnings
 
 import pytest
@@ -95,3 +96,39 @@ def test_a_bias_changed_while_merged_is_not_unmerged():
     with pytest.raises(RuntimeError, match=r"the merged bias was modified after merge\(\)"):
         layer.unmerge()
     assert layer.merged
+
+
+def test_merge_and_unload_builds_no_record_and_stays_all_or_nothing():
+    """merge_and_unload merges the layers that cannot fail without a record (the same bits as with one),
+    after every layer that might fail has merged with one: a late refusal still leaves the model as it was."""
+    model = pylora.inject(llama(attention_bias=True).half(), pylora.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True))
+    randomize_lora(model, seed=7, std=0.05)
+    reference = copy.deepcopy(model)
+    pylora.merge(reference)  # with records
+    expected = {n: p.detach().clone() for n, p in reference.named_parameters() if ".base_layer." in n}
+    plain = pylora.merge_and_unload(copy.deepcopy(model))
+    for n, p in plain.named_parameters():
+        key = n.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        if key in expected:
+            assert torch.equal(bits(p), bits(expected[key])), n
+
+    late = model.get_submodule("model.layers.1.self_attn.v_proj")
+    with torch.no_grad():
+        late.base_layer.weight[0, 0] = 65000.0
+        late.lora_B[0] = 1.0
+        late.lora_A[:, 0] = 500.0  # the last layer's merge overflows
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj: merge_: the merged weight would not "
+                                         r"be finite"):
+        pylora.merge_and_unload(model)
+    assert_same(model, snap)
+    assert not any(layer.merged for _, layer in pylora.lora_layers(model))
+
+
+def test_a_layer_merged_without_record_cannot_be_unmerged():
+    model = lora_bias_model(llama(attention_bias=True))
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    layer.merge(record=False)
+    with pytest.raises(RuntimeError, match=r"merged without a record .* cannot be unmerged, only dropped"):
+        layer.unmerge()

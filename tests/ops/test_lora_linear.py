@@ -9,6 +9,7 @@ import torch
 from tests.helpers import DTYPES, HAS_CUDA, PYTHON, TOL
 from pylora import _ext, ops
 from pylora.ops import dispatch
+from pylora.ops.linear import as_seed
 from pylora.ops import reference as ref
 
 KERNEL_OPS = ("lora_linear", "lora_linear_backward")
@@ -98,7 +99,7 @@ def test_backward_op_matches_reference_op(device, dtype, p):
         pytest.skip(f"no compiled {device} kernel")
     x, W, _, A, B = make(70, 530, 19, 5, dtype, device, bias=False)
     grad_y = torch.randn(70, 19, device=device).to(dtype)
-    _, h = torch.ops.pylora.lora_linear(x, W, None, A, B, 0.5, p, 77, False)
+    _, h = torch.ops.pylora.lora_linear(x, W, None, A, B, 0.5, p, as_seed(77), False)
     _, h_ref = ref.lora_linear(x, W, None, A, B, 0.5, p, 77, False)
     assert_near(h, h_ref.double(), dtype, "h", 530)
     got = ops.lora_linear_backward(grad_y, x, W, A, B, h, 0.5, p, 77)
@@ -124,7 +125,7 @@ def test_dropout_mask_exact_in_h(backend, device, dtype, p):
     W = torch.randn(5, I, dtype=dtype, device=device)
     B = torch.randn(5, I, dtype=dtype, device=device)
     seed = 0x1234_5678_9ABC
-    _, h = dispatch.impl("lora_linear", device)(x, W, None, A, B, 1.0, p, seed, False)
+    _, h = dispatch.impl("lora_linear", device)(x, W, None, A, B, 1.0, p, as_seed(seed), False)
     keep = ref.dropout_keep(seed, T, I, p, device)
     expected = torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=dtype, device=device))
     assert torch.equal(h, expected)
@@ -149,7 +150,7 @@ def test_dropout_mask_exact_in_backward(backend, device, dtype):
     keep = ref.dropout_keep(seed, N, N, p, dev)
     inv = 1.0 / (1.0 - p)
     zero = torch.zeros((), dtype=dtype, device=dev)
-    _, h = dispatch.impl("lora_linear", dev)(x, W, None, eye, eye, s, p, seed, False)
+    _, h = dispatch.impl("lora_linear", dev)(x, W, None, eye, eye, s, p, as_seed(seed), False)
     grad_y = torch.randn(N, N, dtype=dtype, device=dev)
     gx = ops.lora_linear_backward(grad_y, x, W, eye, eye, h, s, p, seed, output_mask=(1, 0, 0, 0, 0))[0]
     assert torch.equal(gx, torch.where(keep, (grad_y * s) * inv, zero))
@@ -283,8 +284,8 @@ def test_saved_tensors_are_x_weight_factors_and_h(backend, device):
     if backend == "kernel":
         allowed = {t.untyped_storage().data_ptr() for t in (x, W, A, B)}
         extra = {ptr: n for ptr, n in storages.items() if ptr not in allowed}
-        # Only h [T, r] is new: no mask, no dropped copy of x.
-        assert list(extra.values()) == [T * r * 4], extra
+        # Only h [T, r] and the 8-byte seed are new: no mask, no dropped copy of x.
+        assert sorted(extra.values()) == sorted([T * r * 4, 8]), extra
     else:
         # The reference is plain torch: it keeps drop(x) and a mask, which is what the kernels avoid.
         assert sum(storages.values()) > (T * I * 4) * 2
@@ -329,7 +330,7 @@ def test_frozen_A_does_no_grad_A_work(device, p):
     T, I, O, r = 70, 530, 23, 3
     x, W, _, A, B = make(T, I, O, r, torch.float32, device)
     grad_y = torch.randn(T, O, device=device)
-    _, h = torch.ops.pylora.lora_linear(x, W, None, A, B, 1.0, p, 9, False)
+    _, h = torch.ops.pylora.lora_linear(x, W, None, A, B, 1.0, p, as_seed(9), False)
 
     def work(mask):
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -337,7 +338,7 @@ def test_frozen_A_does_no_grad_A_work(device, p):
         torch.set_num_threads(1)  # every tile GEMM of the CPU kernel then runs on the profiled thread
         try:
             with profile(activities=activities, record_shapes=True) as prof:
-                torch.ops.pylora.lora_linear_backward(grad_y, x, W, A, B, h, 1.0, p, 9, False, mask)
+                torch.ops.pylora.lora_linear_backward(grad_y, x, W, A, B, h, 1.0, p, as_seed(9), False, mask)
                 if device == "cuda":
                     torch.cuda.synchronize()
         finally:
@@ -371,7 +372,7 @@ def test_frozen_A_does_no_grad_A_work(device, p):
 def _args(device="cpu"):
     x, W, b, A, B = make(5, 10, 12, 4, torch.float32, device)
     return {"x": x, "weight": W, "bias": b, "lora_A": A, "lora_B": B, "scale": 2.0, "dropout_p": 0.1,
-            "seed": 3, "fan_in_fan_out": False}
+            "seed": as_seed(3), "fan_in_fan_out": False}
 
 
 def _with(**changes):
@@ -513,15 +514,15 @@ def test_opcheck(device, p):
         pytest.skip(f"no compiled {device} kernel")
     x, W, b, A, B = make(6, 9, 5, 2, torch.float32, device)
     args = [x.requires_grad_(True), W, b.requires_grad_(True), A.requires_grad_(True), B.requires_grad_(True),
-            1.5, p, 21, False]
+            1.5, p, as_seed(21), False]
     torch.library.opcheck(torch.ops.pylora.lora_linear.default, args)
     x2, W2, _, A2, B2 = make(6, 9, 5, 2, torch.float32, device, fifo=True)
-    torch.library.opcheck(torch.ops.pylora.lora_linear.default, (x2, W2, None, A2, B2, 0.5, p, 2, True))
-    _, h = torch.ops.pylora.lora_linear(x.detach(), W, b.detach(), A.detach(), B.detach(), 1.5, p, 21, False)
+    torch.library.opcheck(torch.ops.pylora.lora_linear.default, (x2, W2, None, A2, B2, 0.5, p, as_seed(2), True))
+    _, h = torch.ops.pylora.lora_linear(x.detach(), W, b.detach(), A.detach(), B.detach(), 1.5, p, as_seed(21), False)
     grad_y = torch.randn(6, 5, device=device)
     for mask in ([True] * 5, [True, False, False, True, False]):
         torch.library.opcheck(torch.ops.pylora.lora_linear_backward.default,
-                              (grad_y, x.detach(), W, A.detach(), B.detach(), h, 1.5, p, 21, False, mask))
+                              (grad_y, x.detach(), W, A.detach(), B.detach(), h, 1.5, p, as_seed(21), False, mask))
 
 
 def test_reference_path_with_extension_disabled(python_env):

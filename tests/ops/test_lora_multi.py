@@ -105,7 +105,8 @@ def test_each_adapter_is_lora_linear_over_its_own_tokens(backend, device, p):
         for k, grp in enumerate(groups):
             xk = x[grp]
             yk, hk = ops.dispatch.impl("lora_linear", torch.device(device))(
-                xk, torch.zeros(O, I, device=device), None, As[k], Bs[k], [1.5, 2.0, 0.5][k], p, seeds[k], False)
+                xk, torch.zeros(O, I, device=device), None, As[k], Bs[k], [1.5, 2.0, 0.5][k], p,
+                torch.tensor(seeds[k]), False)
             assert torch.equal(bits(hs[k]), bits(hk)), k
             torch.testing.assert_close(y[grp], yk, rtol=1e-6, atol=1e-6)
 

@@ -314,3 +314,34 @@ def test_failed_load_warns_once_and_falls_back(python_env):
     env = {k: v for k, v in python_env.items() if k != "PYLORA_DISABLE_EXT"}
     out = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fifo", [False, True])
+def test_merge_without_record_writes_the_same_bits(backend, device, dtype, fifo):
+    W, A, B = make(70, 300, 8, dtype, torch.float32, device, fifo=fifo, delta_scale=0.1)
+    with_record, without = W.clone(), W.clone()
+    rec = ops.merge_(with_record, A, B, 1.7, fan_in_fan_out=fifo)
+    assert rec.corrections > 0  # this update loses information somewhere: a record was needed
+    assert ops.merge_(without, A, B, 1.7, fan_in_fan_out=fifo, record=False) is None
+    assert torch.equal(bits(without), bits(with_record))
+
+
+def test_merge_without_record_still_refuses_before_writing(backend, device):
+    W, A, B = make(20, 50, 4, torch.float16, torch.float32, device)
+    W[13, 7] = 65000.0
+    B[13] = 1.0
+    A[:, 7] = 1.0
+    W0 = bits(W)
+    with pytest.raises(ValueError, match=r"not be finite at weight\[13, 7\].*nothing was written"):
+        ops.merge_(W, A, B, 400.0, record=False)
+    assert torch.equal(bits(W), W0)
+
+
+def test_merge_cannot_overflow_is_a_bound():
+    W, A, B = make(30, 40, 4, torch.float16)
+    assert ops.merge_cannot_overflow(W, A, B, 2.0)
+    W[3, 3] = 65000.0
+    assert not ops.merge_cannot_overflow(W, A, B, 1e6)  # might overflow: not necessarily will
+    W[3, 3] = float("nan")
+    assert not ops.merge_cannot_overflow(W, A, B, 1.0)
