@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../common/dtypes.h"
@@ -79,6 +80,17 @@ inline void dot_block(const T* const* xr, const T* const* ar, int64_t K, float* 
   for (int t = 0; t < RT; ++t)
     for (int j = 0; j < RR; ++j) acc[t][j] = vec::zero();
   int64_t i = 0;
+  if constexpr (vec::kBf16Dot && std::is_same_v<T, c10::BFloat16>) {
+    // Two bf16 products per lane and instruction, x and A read as they are stored (the rest below).
+    for (; i + 2 * W <= K; i += 2 * W) {
+      vec::Pairs xv[RT];
+      for (int t = 0; t < RT; ++t) xv[t] = vec::load_pairs(xr[t] + i);
+      for (int j = 0; j < RR; ++j) {
+        const vec::Pairs av = vec::load_pairs(ar[j] + i);
+        for (int t = 0; t < RT; ++t) acc[t][j] = vec::dot2(acc[t][j], xv[t], av);
+      }
+    }
+  }
   for (; i + W <= K; i += W) {
     vec::V xv[RT];
     for (int t = 0; t < RT; ++t) xv[t] = vec::load(xr[t] + i);

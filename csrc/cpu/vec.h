@@ -215,6 +215,22 @@ inline void for_each_set(const uint8_t* flags, int64_t n, F&& f) {
   }
 }
 
+// bf16 dot products (AVX512-BF16): load_pairs reads 2 * W bf16 values as they are stored; dot2(acc, x, a)
+// adds x[2l] * a[2l] + x[2l + 1] * a[2l + 1] to lane l of acc: products exact in fp32, sums rounded to
+// nearest even, bf16 subnormal inputs read as zero. Twice an fp32 fma's work per instruction, with no
+// conversions. kBf16Dot says whether this build has it; kernels fall back to load and fma otherwise.
+#if PYLORA_VEC == PYLORA_VEC_AVX512 && defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+using Pairs = __m512bh;
+inline Pairs load_pairs(const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline V dot2(V acc, Pairs x, Pairs a) { return _mm512_dpbf16_ps(acc, x, a); }
+#else
+constexpr bool kBf16Dot = false;
+struct Pairs {};
+inline Pairs load_pairs(const c10::BFloat16*) { return Pairs{}; }  // never called
+inline V dot2(V acc, Pairs, Pairs) { return acc; }                // never called
+#endif
+
 // Stream compaction: writes, in order, the src[j] (j < n) whose keep[j] is non-zero to dst and returns
 // how many. src and keep must be readable up to n rounded up to 16, and keep zero past n; dst must
 // have room for the result plus 16. AVX-512 compresses 16 lanes per instruction.

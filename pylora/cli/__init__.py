@@ -11,8 +11,8 @@ import sys
 OUT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # pylora.bench's GROUPS and SUITES, here without importing torch before the arguments are parsed
 # (tests/bench/test_suites.py checks that the two agree).
-BENCH_SUITES = ("all", "merge", "train", "multi", "checkpoint", "train-layer", "train-model", "multi-kernel",
-                "multi-model", "merge-checkpoint")
+BENCH_SUITES = ("all", "merge", "train", "multi", "checkpoint", "train-layer", "train-model", "train-joint",
+                "multi-kernel", "multi-model", "merge-checkpoint")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "transformers (skipped with a message without it); PEFT baselines need peft; the "
                                    "chart needs matplotlib.")
     p.add_argument("suite", nargs="?", default="all", choices=BENCH_SUITES,
-                   help="the suite to run: merge (merge/unmerge kernels), train (the LoRA layer and a model's training "
-                        "step: train-layer, train-model), multi (many adapters in one batch: multi-kernel, "
-                        "multi-model), checkpoint (merge-checkpoint: pylora merge on a checkpoint on disk), one of "
+                   help="the suite to run: merge (merge/unmerge kernels), train (the LoRA layer, a model's training "
+                        "step, and many adapters trained in one batch: train-layer, train-model, train-joint), multi "
+                        "(many adapters served in one batch: multi-kernel, multi-model), checkpoint (merge-checkpoint: pylora merge on a checkpoint on disk), one of "
                         "those suites by name, or all of them (default: all)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", default=True,

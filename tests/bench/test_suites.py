@@ -92,7 +92,8 @@ def test_cli_reports_failed_and_skipped_suites(monkeypatch, tmp_path, capsys):
 
     from pylora.cli import bench, build_parser
 
-    codes = {"pylora.bench.train_layer": h.EXIT_SANITY, "pylora.bench.train_model": h.EXIT_MISSING}
+    codes = {"pylora.bench.train_layer": h.EXIT_SANITY, "pylora.bench.train_model": h.EXIT_MISSING,
+             "pylora.bench.train_joint": h.EXIT_MISSING}
     calls = []
 
     def fake_run(cmd, env, check):
@@ -105,7 +106,7 @@ def test_cli_reports_failed_and_skipped_suites(monkeypatch, tmp_path, capsys):
                                       "--suite-args", "--ranks 8"])
     assert bench.run(args) == 1
     err = capsys.readouterr().err
-    assert "failed: train-layer (sanity checks failed)" in err and "skipped train-model" in err
+    assert "failed: train-layer (sanity checks failed)" in err and "skipped train-model, train-joint" in err
     assert calls[0][1:3] == ["-m", "pylora.bench.train_layer"] and calls[0][-2:] == ["--ranks", "8"]
     assert "--quick" in calls[0] and ["--threads", "1"] == calls[0][calls[0].index("--threads"):][:2]
     assert calls[0][calls[0].index("--out") + 1] == str(tmp_path / "train_layer_cpu_1t_quick.json")
