@@ -3,13 +3,16 @@
 #   make demo    set up, then run pylora's main job
 #   make test    set up, then run the whole test suite
 #   make bench   set up, then run the benchmarks at sizes that fit the machine
+#   make dist    set up, then build the sdist and a wheel from it into dist/
 
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 # torch 2.14.1 is a CUDA 13.0 build; any torch >= 2.4 works (override: make TORCH=torch==2.6.0 test).
 TORCH ?= torch==2.14.1
-RUNTIME_DEPS := numpy safetensors tqdm regex ninja pybind11 setuptools wheel
+RUNTIME_DEPS := numpy safetensors tqdm regex
+# What setup.py needs besides torch (installed here: the build runs without isolation, against this torch).
+BUILD_DEPS := "setuptools>=77" ninja
 TEST_DEPS := pytest transformers peft accelerate
 # The demo's model comes from transformers (a test dependency too); its figure and `pylora bench`'s
 # chart need matplotlib.
@@ -24,14 +27,14 @@ export CUDA_HOME MAX_JOBS
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench dist clean
 
 setup: $(VENV)/.built
 
 $(VENV)/.deps: pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "pylora needs Python 3.10+, this is " + sys.version' 
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q "$(TORCH)" $(RUNTIME_DEPS) $(TEST_DEPS) $(DEMO_DEPS) $(QUANT_DEPS)
+	$(VPY) -m pip install -q "$(TORCH)" $(RUNTIME_DEPS) $(BUILD_DEPS) $(TEST_DEPS) $(DEMO_DEPS) $(QUANT_DEPS)
 	touch $@
 
 # --no-build-isolation: the extension must be compiled against the torch it will run with.
@@ -51,5 +54,12 @@ BENCH_ARGS ?=
 bench: setup
 	$(VENV)/bin/pylora bench all --out bench-results $(BENCH_ARGS)
 
+# The sdist, then a wheel built from it alone (portable CPU kernels, CUDA kernels where setup.py finds
+# nvcc), against this venv's torch: the wheel requires that torch release.
+dist: $(VENV)/.deps
+	rm -rf dist
+	$(VPY) -c "from setuptools import build_meta as b; b.build_sdist('dist')"
+	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist dist/pylora-*.tar.gz
+
 clean:
-	rm -rf build pylora/_C*.so pylora.egg-info $(VENV)/.built
+	rm -rf build dist pylora/_C*.so pylora/_build_facts.py pylora.egg-info $(VENV)/.built

@@ -1,8 +1,14 @@
 // Every pylora op schema, in one place, with its semantics in the letters used everywhere:
 // T tokens, N slots/adapters, r rank, I in-features, O out-features, S segments, P pool rows.
-// Implementations register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+// Implementations register per device in csrc/cpu/dispatch.cpp (the CPU kernels of the ISA level the CPU
+// runs) and csrc/cuda/*.cu.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/dispatch.h"
 
 #if defined(PYLORA_WITH_CUDA)
 #include <cuda_runtime_api.h>
@@ -51,22 +57,74 @@ TORCH_LIBRARY(pylora, m) {
 #define PYLORA_STR2(x) #x
 #define PYLORA_STR(x) PYLORA_STR2(x)
 
+// setup.py defines PYLORA_TORCH_VERSION (torch.__version__ of the build) and PYLORA_CPU_ARCH (the -march
+// of a native build; undefined in a portable build), both string literals.
+#if !defined(PYLORA_TORCH_VERSION)
+#define PYLORA_TORCH_VERSION "unknown"
+#endif
+
 namespace {
 
+// d[key] = value, giving up the reference to value; false (with a Python error set) on failure.
+bool put(PyObject* d, const char* key, PyObject* value) {
+  if (value == nullptr) return false;
+  const int rc = PyDict_SetItemString(d, key, value);
+  Py_DECREF(value);
+  return rc == 0;
+}
+
+PyObject* str_or_none(const std::string& s) {
+  if (s.empty()) Py_RETURN_NONE;
+  return PyUnicode_FromString(s.c_str());
+}
+
+PyObject* str_tuple(const std::vector<std::string>& items) {
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(items.size()));
+  if (t == nullptr) return nullptr;
+  for (size_t k = 0; k < items.size(); ++k) {
+    PyObject* s = PyUnicode_FromString(items[k].c_str());
+    if (s == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(k), s);
+  }
+  return t;
+}
+
+// The build facts: the torch it was compiled against, the CUDA kernels, and the CPU kernels' ISA levels
+// (compiled, run by this CPU, running, and what PYLORA_CPU_ISA asked for).
 PyObject* build_info(PyObject*, PyObject*) {
+  const pylora::cpu::IsaChoice& isa = pylora::cpu::isa_choice();
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
 #if defined(PYLORA_WITH_CUDA)
   const int cuda_major = CUDART_VERSION / 1000, cuda_minor = (CUDART_VERSION % 1000) / 10;
-  return Py_BuildValue("{s:O,s:s,s:s,s:s}", "cuda", Py_True, "cuda_version",
-                       (std::to_string(cuda_major) + "." + std::to_string(cuda_minor)).c_str(), "cuda_arches",
-                       PYLORA_STR(PYLORA_CUDA_ARCHES), "cpu_arch", PYLORA_STR(PYLORA_CPU_ARCH));
+  const std::string cuda_version = std::to_string(cuda_major) + "." + std::to_string(cuda_minor);
+  const bool ok_cuda = put(d, "cuda", Py_NewRef(Py_True)) && put(d, "cuda_version", str_or_none(cuda_version)) &&
+                       put(d, "cuda_arches", PyUnicode_FromString(PYLORA_STR(PYLORA_CUDA_ARCHES)));
 #else
-  return Py_BuildValue("{s:O,s:O,s:O,s:s}", "cuda", Py_False, "cuda_version", Py_None, "cuda_arches", Py_None,
-                       "cpu_arch", PYLORA_STR(PYLORA_CPU_ARCH));
+  const bool ok_cuda = put(d, "cuda", Py_NewRef(Py_False)) && put(d, "cuda_version", Py_NewRef(Py_None)) &&
+                       put(d, "cuda_arches", Py_NewRef(Py_None));
 #endif
+#if defined(PYLORA_CPU_ARCH)
+  PyObject* cpu_arch = PyUnicode_FromString(PYLORA_CPU_ARCH);
+#else
+  PyObject* cpu_arch = Py_NewRef(Py_None);
+#endif
+  const bool ok = ok_cuda && put(d, "torch_version", PyUnicode_FromString(PYLORA_TORCH_VERSION)) &&
+                  put(d, "cpu_arch", cpu_arch) && put(d, "cpu_isa", PyUnicode_FromString(isa.running.c_str())) &&
+                  put(d, "cpu_isas", str_tuple(isa.compiled)) && put(d, "cpu_isas_supported", str_tuple(isa.supported)) &&
+                  put(d, "cpu_isa_request", str_or_none(isa.requested)) && put(d, "cpu_isa_note", str_or_none(isa.note));
+  if (!ok) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  return d;
 }
 
 PyMethodDef methods[] = {
-    {"build_info", build_info, METH_NOARGS, "What this build of pylora._C holds: CUDA kernels, CUDA version, arches."},
+    {"build_info", build_info, METH_NOARGS, "What this build of pylora._C holds: its torch, CUDA kernels and arches, CPU kernels and ISA levels."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "pylora's compiled kernels (ops register in torch.ops.pylora)",

@@ -7,9 +7,17 @@
 // and the unmerge candidate is c = R(fma(-s, acc, y)). Every fma is a single IEEE rounding, so this
 // is the same number on every CPU, every GPU and in pylora/reference.py. c equals w for almost all
 // elements; where it does not (rounding lost information), the merge records key(w) - key(c).
+//
+// Everything here lives in an inline namespace named after the ISA level of the translation unit
+// (common/isa.h): csrc/cpu/*.cpp are compiled once per level and include this file, and the same
+// helper compiled with FMA units is one instruction where without them it is a call to libm's fmaf.
+// Without the namespace the linker would keep one copy of each, perhaps one an older CPU cannot run.
+// The arithmetic is the same on every level: an fma is one IEEE rounding whichever way it runs.
 #pragma once
 #include <cstdint>
 #include <cstring>
+
+#include "isa.h"
 
 #if defined(__CUDACC__)
 #define PYLORA_HD __host__ __device__ __forceinline__
@@ -19,6 +27,7 @@
 
 namespace pylora {
 namespace mm {
+inline namespace PYLORA_ISA_NS {
 
 // A record chunk is up to kChunk consecutive elements of one storage row. A correction entry is one
 // uint16 (stored as int16): the column inside the chunk in the high 12 bits, key(w) - key(c) in the
@@ -163,5 +172,6 @@ PYLORA_HD typename S::bits_t unmerged(typename S::bits_t y, float s, float acc) 
   return S::from_f(fma_rn(-s, acc, S::to_f(y)));
 }
 
+}  // namespace PYLORA_ISA_NS
 }  // namespace mm
 }  // namespace pylora

@@ -13,7 +13,10 @@
 
 namespace pylora {
 
-// The element arithmetic (merge_math.h) of each storage element type.
+// The element arithmetic (merge_math.h) of each storage element type; per ISA level, as merge_math.h's
+// types are (common/isa.h).
+inline namespace PYLORA_ISA_NS {
+
 template <class T>
 struct StorageOf;
 template <>
@@ -37,6 +40,8 @@ decltype(auto) dispatch_storage(const char* op, c10::ScalarType t, F&& f) {
     return f(TypeTag<typename StorageOf<typename decltype(tag)::type>::type>{});
   });
 }
+
+}  // namespace PYLORA_ISA_NS
 
 // The kernels see every merge as  S[P, Q] += s * U[P, r] @ V[r, Q]  on a contiguous storage view S.
 // weight [O, I] contiguous:            S = weight,     U = B,     V = A

@@ -1,6 +1,8 @@
 #include "merge_record.h"
 
+#include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "dtypes.h"
 #include "merge_math.h"
@@ -101,6 +103,34 @@ void apply_record(const MergeProblem& mp, const at::Tensor& entry_index, const a
   if (esc_index.numel() > 0) {
     flat.index_put_({esc_index}, esc_value);
   }
+}
+
+std::vector<int64_t> check_record_entries(const char* op, const MergeProblem& mp, const at::Tensor& counts,
+                                          const at::Tensor& entries, const at::Tensor& esc_index) {
+  const int16_t* cnt = counts.const_data_ptr<int16_t>();
+  const int16_t* ent = entries.const_data_ptr<int16_t>();
+  const int64_t chunks = counts.numel(), nb = mp.params.nb, Q = mp.params.Q;
+  std::vector<int64_t> start(chunks + 1, 0);
+  int64_t cmin = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    cmin = std::min<int64_t>(cmin, cnt[c]);
+    start[c + 1] = start[c] + cnt[c];
+  }
+  TORCH_CHECK_VALUE(cmin >= 0, op, ": counts holds ", cmin, ", counts must be >= 0");
+  TORCH_CHECK_VALUE(start[chunks] == entries.numel(), op, ": counts.sum()=", start[chunks],
+                    " must equal entries.numel()=", entries.numel());
+  int64_t cmax = -1;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t e = start[c]; e < start[c + 1]; ++e)
+      cmax = std::max<int64_t>(cmax, (c % nb) * mm::kChunk + ((static_cast<uint16_t>(ent[e]) >> 4) & 0xFFF));
+  TORCH_CHECK_VALUE(cmax < Q, op, ": entries point at column ", cmax, ", columns must be < Q=", Q);
+  if (esc_index.numel() > 0) {
+    const int64_t* ei = esc_index.const_data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(ei, ei + esc_index.numel());
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi < mp.S.numel(), op, ": esc_index holds values in [", *lo, ", ", *hi,
+                      "], they must lie in [0, ", mp.S.numel(), ")");
+  }
+  return start;
 }
 
 }  // namespace pylora

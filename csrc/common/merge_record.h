@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #include "merge_problem.h"
 
@@ -23,6 +24,13 @@ void check_record_layout(const char* op, const MergeProblem& mp, const at::Tenso
 // Returns each entry's flat storage index (empty when there are no entries), for apply_record.
 at::Tensor check_record_contents(const char* op, const MergeProblem& mp, const at::Tensor& counts,
                                  const at::Tensor& entries, const at::Tensor& esc_index);
+
+// The same checks as check_record_contents with plain loops over CPU tensors (the CPU kernel's), with
+// the same messages. Returns each chunk's first entry (chunks + 1 offsets). Compiled once, at the
+// baseline ISA: checks are not hot, and their error paths instantiate c10::str templates that must not
+// come from an object compiled for a newer CPU (see common/isa.h).
+std::vector<int64_t> check_record_entries(const char* op, const MergeProblem& mp, const at::Tensor& counts,
+                                          const at::Tensor& entries, const at::Tensor& esc_index);
 
 // After the unmerge pass wrote the candidates c: S[entry_index] = unkey(key(c) + delta), then the
 // escapes (ATen ops, for any device; the CPU kernel applies entries inside its pass instead).

@@ -17,7 +17,8 @@
 // and one 300-token group both spread over the cores. Workspace: H (sum of n * r floats, proportional
 // to the batch) and a per-thread panel buffer (proportional to one adapter), never to the pool.
 // Every element's fp32 sequence is the same on every path, so a token's result does not depend on
-// the rest of the batch or on the thread count.
+// the rest of the batch or on the thread count. (On every path of one ISA level: the levels' vector
+// widths, and the default level's separate multiply and add, give each level its own last bits.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,9 +32,13 @@
 #include "../common/dtypes.h"
 #include "../common/lora_apply_params.h"
 #include "../common/lora_apply_problem.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace pylora {
+namespace cpu {
+// One copy per ISA level (common/isa.h): setup.py compiles this file once per level.
+namespace PYLORA_ISA_NS {
 namespace {
 
 using vec::W;
@@ -425,6 +430,10 @@ void lora_apply_impl(const LoraApplyParams<T>& a) {
   run_tasks(tasks, [&](const Task& k) { expand_task(c, k); });
 }
 
+}  // namespace
+
+// The entry points (kernels.h), registered by cpu/dispatch.cpp for the level the CPU runs.
+
 void lora_apply_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A_rows, const at::Tensor& B_rows,
                     const at::Tensor& row_ptr, const at::Tensor& row_idx, const at::Tensor& scales,
                     const at::Tensor& seg_ptr, const at::Tensor& seg_slot) {
@@ -437,8 +446,6 @@ void lora_apply_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& A_rows
   finish_lora_apply(a);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pylora, CPU, m) { m.impl("lora_apply_", &lora_apply_cpu); }
-
+}  // namespace PYLORA_ISA_NS
+}  // namespace cpu
 }  // namespace pylora

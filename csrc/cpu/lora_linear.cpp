@@ -28,8 +28,12 @@
 #include "../common/lora_linear_problem.h"
 #include "../common/lora_multi.h"
 #include "../common/merge_math.h"
+#include "kernels.h"
 
 namespace pylora {
+namespace cpu {
+// One copy per ISA level (common/isa.h): setup.py compiles this file once per level.
+namespace PYLORA_ISA_NS {
 namespace {
 
 // 64 x 512 fp32 = 128 KiB per buffer: the dropped x tile and u A tile of one thread fit in L2 beside
@@ -206,6 +210,10 @@ void masked_backward_cpu(const LoraLinearParams& pb, const at::Tensor& x, const 
   });
 }
 
+}  // namespace
+
+// The entry points (kernels.h), registered by cpu/dispatch.cpp for the level the CPU runs.
+
 std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                    const at::Tensor& lora_B, double scale, double dropout_p,
@@ -244,13 +252,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
                              &masked_backward_cpu);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pylora, CPU, m) {
-  m.impl("lora_linear", &lora_linear_cpu);
-  m.impl("lora_linear_backward", &lora_linear_backward_cpu);
-  m.impl("lora_multi", &lora_multi_cpu);
-  m.impl("lora_multi_backward", &lora_multi_backward_cpu);
-}
-
+}  // namespace PYLORA_ISA_NS
+}  // namespace cpu
 }  // namespace pylora

@@ -16,9 +16,13 @@
 #include "../common/merge_params.h"
 #include "../common/merge_problem.h"
 #include "../common/merge_record.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace pylora {
+namespace cpu {
+// One copy per ISA level (common/isa.h): setup.py compiles this file once per level.
+namespace PYLORA_ISA_NS {
 namespace {
 
 // Register blocking of the fma chain: kRB rows x kCB columns of accumulators (one vec::Block per row)
@@ -283,36 +287,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const Merg
   return {counts, entries, esc_index, esc_value};
 }
 
-// The record's contents, checked with plain loops (same messages as check_record_contents).
-// Returns each chunk's first entry.
-std::vector<int64_t> check_record_cpu(const MergeProblem& mp, const at::Tensor& counts, const at::Tensor& entries,
-                                      const at::Tensor& esc_index) {
-  const int16_t* cnt = counts.const_data_ptr<int16_t>();
-  const int16_t* ent = entries.const_data_ptr<int16_t>();
-  const int64_t chunks = counts.numel(), nb = mp.params.nb, Q = mp.params.Q;
-  std::vector<int64_t> start(chunks + 1, 0);
-  int64_t cmin = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    cmin = std::min<int64_t>(cmin, cnt[c]);
-    start[c + 1] = start[c] + cnt[c];
-  }
-  TORCH_CHECK_VALUE(cmin >= 0, "unmerge_: counts holds ", cmin, ", counts must be >= 0");
-  TORCH_CHECK_VALUE(start[chunks] == entries.numel(), "unmerge_: counts.sum()=", start[chunks],
-                    " must equal entries.numel()=", entries.numel());
-  int64_t cmax = -1;
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t e = start[c]; e < start[c + 1]; ++e)
-      cmax = std::max<int64_t>(cmax, (c % nb) * mm::kChunk + ((static_cast<uint16_t>(ent[e]) >> 4) & 0xFFF));
-  TORCH_CHECK_VALUE(cmax < Q, "unmerge_: entries point at column ", cmax, ", columns must be < Q=", Q);
-  if (esc_index.numel() > 0) {
-    const int64_t* ei = esc_index.const_data_ptr<int64_t>();
-    const auto [lo, hi] = std::minmax_element(ei, ei + esc_index.numel());
-    TORCH_CHECK_VALUE(*lo >= 0 && *hi < mp.S.numel(), "unmerge_: esc_index holds values in [", *lo, ", ", *hi,
-                      "], they must lie in [0, ", mp.S.numel(), ")");
-  }
-  return start;
-}
-
 // The unmerge pass writes the candidates c, and, once a block of rows is done (still in cache),
 // applies that block's entries: w = unkey(key(c) + delta). Escapes are written last.
 template <class S>
@@ -346,6 +320,10 @@ void unmerge_impl(const MergeProblem& mp, const std::vector<int64_t>& start, con
   for (int64_t k = 0; k < esc_index.numel(); ++k) W[ei[k]] = ev[k];
 }
 
+}  // namespace
+
+// The entry points (kernels.h), registered by cpu/dispatch.cpp for the level the CPU runs.
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_cpu(at::Tensor& weight,
                                                                                 const at::Tensor& lora_A,
                                                                                 const at::Tensor& lora_B, double scale,
@@ -360,17 +338,12 @@ void unmerge_cpu(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor&
                  const at::Tensor& esc_value) {
   const MergeProblem mp = prepare_merge("unmerge_", weight, lora_A, lora_B, scale, fan_in_fan_out);
   check_record_layout("unmerge_", mp, counts, entries, esc_index, esc_value);
-  const std::vector<int64_t> start = check_record_cpu(mp, counts, entries, esc_index);
+  const std::vector<int64_t> start = check_record_entries("unmerge_", mp, counts, entries, esc_index);
   dispatch_storage("unmerge_", mp.S.scalar_type(), [&](auto tag) {
     unmerge_impl<typename decltype(tag)::type>(mp, start, entries, esc_index, esc_value);
   });
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pylora, CPU, m) {
-  m.impl("merge_", &merge_cpu);
-  m.impl("unmerge_", &unmerge_cpu);
-}
-
+}  // namespace PYLORA_ISA_NS
+}  // namespace cpu
 }  // namespace pylora

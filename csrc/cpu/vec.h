@@ -4,11 +4,12 @@
 // AVX-512 (16 lanes) or AVX2+FMA+F16C (8 lanes) by intrinsics; otherwise 8 lanes of plain C++ that
 // the compiler vectorises as it can. One API, so the kernels are written once.
 //
-// This is the only ISA-specific file: the ISA is chosen here, from the compiler's target macros
-// (__AVX512F__, __AVX2__, __FMA__, __F16C__), and the kernels see it only through this API and
-// vec::kIsa (for their blocking tables). Everything lives in an inline namespace named after the ISA,
-// so one kernel file compiled several times with different target flags (one object per ISA, chosen
-// at run time, as ATen's CPU kernels are) links without two definitions of the same function.
+// This is the only file with ISA-specific code: the ISA is common/isa.h's level (from the compiler's
+// target macros: __AVX512F__, __AVX2__, __FMA__, __F16C__), and the kernels see it only through this
+// API and vec::kIsa (for their blocking tables). Everything lives in an inline namespace named after
+// the ISA, so one kernel file compiled several times with different target flags (one object per ISA,
+// chosen at run time by cpu/dispatch.cpp, as ATen's CPU kernels are) links without two definitions of
+// the same function.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -16,20 +17,15 @@
 #include <cstdint>
 #include <cstring>
 
-// The choice, made once; the rest of this file keys on PYLORA_VEC (undefined again at the end).
+#include "../common/isa.h"
+
+// The choice is common/isa.h's (the level of this translation unit); the rest of this file keys on
+// PYLORA_VEC (undefined again at the end).
 #define PYLORA_VEC_PLAIN 0
 #define PYLORA_VEC_AVX2 1
 #define PYLORA_VEC_AVX512 2
-#if defined(__AVX512F__)
-#define PYLORA_VEC PYLORA_VEC_AVX512
-#define PYLORA_VEC_NS avx512
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define PYLORA_VEC PYLORA_VEC_AVX2
-#define PYLORA_VEC_NS avx2
-#else
-#define PYLORA_VEC PYLORA_VEC_PLAIN
-#define PYLORA_VEC_NS plain
-#endif
+#define PYLORA_VEC PYLORA_ISA_LEVEL
+#define PYLORA_VEC_NS PYLORA_ISA_NS
 
 #if PYLORA_VEC != PYLORA_VEC_PLAIN
 #include <immintrin.h>

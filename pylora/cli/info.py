@@ -62,6 +62,33 @@ def _adapter_info(args) -> int:
     return 1 if ins.problems else 0
 
 
+# The CPU kernels' ISA levels (csrc/common/isa.h), in words.
+_ISA_WORDS = {"avx512": "AVX-512 with BF16", "avx2": "AVX2 + FMA + F16C", "default": "plain C++, no AVX"}
+
+
+def _extension_lines(_ext) -> list[str]:
+    """What the extension holds and which CPU kernels run, or why it is not loaded."""
+    if not _ext.loaded:
+        return [f"extension: not loaded ({_ext.load_error}); every op runs its pure-torch reference"]
+    info = _ext.build_info()
+    lines = [f"extension: loaded ({_ext._C.__file__}), built for torch {info['torch_version']}"]
+    if info["cuda"]:
+        lines.append(f"CUDA kernels: compiled with CUDA {info['cuda_version']} for {info['cuda_arches']}")
+    else:
+        lines.append("CUDA kernels: not compiled (CPU-only build)")
+    isa = info["cpu_isa"]
+    if info["cpu_arch"]:
+        lines.append(f"CPU kernels: {isa} running (a native build for -march={info['cpu_arch']}: one level)")
+    else:
+        lines.append(f"CPU kernels: {isa} running ({_ISA_WORDS.get(isa, isa)}); compiled: "
+                     f"{', '.join(info['cpu_isas'])}; this CPU runs: {', '.join(info['cpu_isas_supported'])}")
+    if info["cpu_isa_note"]:
+        lines.append(f"CPU kernels: {info['cpu_isa_note']}")
+    elif info["cpu_isa_request"]:
+        lines.append(f"CPU kernels: PYLORA_CPU_ISA={info['cpu_isa_request']} followed")
+    return lines
+
+
 def run(args) -> int:
     if args.adapter is not None:
         return _adapter_info(args)
@@ -72,16 +99,7 @@ def run(args) -> int:
 
     lines = [f"pylora {pylora.__version__}",
              f"torch {torch.__version__} ({'CUDA ' + torch.version.cuda + ' build' if torch.version.cuda else 'CPU-only build'})"]
-    if _ext.loaded:
-        lines.append(f"extension: loaded ({_ext._C.__file__})")
-        info = _ext.build_info()
-        if info["cuda"]:
-            lines.append(f"CUDA kernels: compiled with CUDA {info['cuda_version']} for {info['cuda_arches']}")
-        else:
-            lines.append("CUDA kernels: not compiled (CPU-only build)")
-        lines.append(f"CPU kernels: compiled for -march={info['cpu_arch']}")
-    else:
-        lines.append(f"extension: not loaded ({_ext.load_error}); every op runs its pure-torch reference")
+    lines += _extension_lines(_ext)
     if torch.cuda.is_available():
         for d in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(d)
