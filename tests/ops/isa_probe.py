@@ -59,9 +59,10 @@ def lora_linear_cases(gen):
             bias = _rand(gen, O).to(dtype)
             A = (_rand(gen, r, I) / math.sqrt(I)).to(dtype)
             B = _rand(gen, O, r).to(dtype)
-            y, h = torch.ops.pylora.lora_linear(x, W, bias, A, B, 0.5, p, 1234, False)
+            seed = torch.tensor(1234, dtype=torch.int64)
+            y, h = torch.ops.pylora.lora_linear(x, W, bias, A, B, 0.5, p, seed, False)
             gy = _rand(gen, T, O).to(dtype)
-            grads = torch.ops.pylora.lora_linear_backward(gy, x, W, A, B, h, 0.5, p, 1234, False, [True] * 5)
+            grads = torch.ops.pylora.lora_linear_backward(gy, x, W, A, B, h, 0.5, p, seed, False, [True] * 5)
             out[f"lora_linear {dtype} p={p}"] = _digest(y, h, grads)
             As = [A, A[: r // 2].contiguous()]
             Bs = [B, B[:, : r // 2].contiguous()]
