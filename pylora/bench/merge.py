@@ -1,4 +1,5 @@
-"""Merging a LoRA update into one weight: pylora's merge_ (and its exact unmerge_) against torch's addmm_,
+"""Merging a LoRA update into one weight: pylora's merge_ (with the exact-unmerge record, and without one:
+record=False, the same result for merges never undone; and its exact unmerge_) against torch's addmm_,
 PEFT's way (W += B @ A * s) and the careful fp32 way ((W.float() + s * B.float() @ A.float()).to(W.dtype)),
 across update sizes, next to the roofline floor from the limits measured in the same run, with the size
 of the exact-unmerge record.
@@ -7,12 +8,12 @@ of the exact-unmerge record.
                                  [--ranks 8,16,64] [--rels 0.003,0.03,0.16] [--dtypes float32,bfloat16]
 
 Each case: W [O, I] ~ N(0, 0.02) in dtype, A [r, I] and B [O, r] scaled so that std(s B A) = rel x std(W)
-(s = 2; rel: the update size, 0.003 to 0.16 across trained adapters). The five methods alternate within
+(s = 2; rel: the update size, 0.003 to 0.16 across trained adapters). The six methods alternate within
 rounds; before every call W is restored from a pristine copy and the caches are flushed (untimed), so
 every call merges into the same cold weight. roofline_ms = max(bytes / bandwidth, 2 r O I / matmul rate
 of the dtype): bytes = W read and written once, A and B read once; bandwidth = the faster of copy and
 read. Every method is checked against it; the record is checked against the most its format can hold;
-unmerge_ must give W back bit for bit.
+unmerge_ must give W back bit for bit, and record=False the same W as with a record.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ FULL = dict(shapes=((4096, 4096), (4096, 11008)), ranks=(8, 16, 64), rels=(0.003
             dtypes=("float32", "bfloat16"))
 QUICK = dict(shapes=((4096, 4096),), ranks=(16,), rels=(0.003, 0.16), dtypes=("float32", "bfloat16"))
 SCALE = 2.0
-METHODS = ("pylora", "unmerge", "addmm", "peft", "careful")
+METHODS = ("pylora", "norecord", "unmerge", "addmm", "peft", "careful")
 
 
 def factors(O, I, r, dtype, device, rel, gen):
@@ -65,6 +66,7 @@ def bench_case(timer, limits, checks, O, I, r, dtype, rel, device, gen) -> dict:
 
     fns = {
         "pylora": lambda k: state.__setitem__("record", ops.merge_(W, A, B, s)),
+        "norecord": lambda k: ops.merge_(W, A, B, s, record=False),
         "unmerge": lambda k: ops.unmerge_(W, A, B, s, state["for_unmerge"]),
         "addmm": lambda k: W.addmm_(B, A, alpha=s),
         "peft": lambda k: W.add_(B @ A * s),
@@ -78,6 +80,11 @@ def bench_case(timer, limits, checks, O, I, r, dtype, rel, device, gen) -> dict:
     # Correctness of what was timed: merge then unmerge gives W back bit for bit.
     W.copy_(W0)
     record = ops.merge_(W, A, B, s)
+    merged = W.clone()
+    W.copy_(W0)
+    ops.merge_(W, A, B, s, record=False)
+    same_without_record = bool(torch.equal(W, merged))
+    W.copy_(merged)
     update_rel = float((W.double() - W0.double()).std() / W0.double().std())
     ops.unmerge_(W, A, B, s, record)
     exact = bool(torch.equal(W, W0))
@@ -89,9 +96,10 @@ def bench_case(timer, limits, checks, O, I, r, dtype, rel, device, gen) -> dict:
     roofline = limits.floor_s(traffic, flops, dtype)
     t = {name: m.median(name) for name in fns}
     row = {"shape": f"{O}x{I}", "dtype": h.dtype_name(dtype), "r": r, "rel": rel, "update_rel": update_rel,
-           "pylora_ms": t["pylora"] * 1e3, "unmerge_ms": t["unmerge"] * 1e3, "addmm_ms": t["addmm"] * 1e3,
+           "pylora_ms": t["pylora"] * 1e3, "norecord_ms": t["norecord"] * 1e3, "unmerge_ms": t["unmerge"] * 1e3, "addmm_ms": t["addmm"] * 1e3,
            "peft_ms": t["peft"] * 1e3, "careful_ms": t["careful"] * 1e3,
            "vs_addmm": t["addmm"] / t["pylora"], "time_vs_addmm": t["pylora"] / t["addmm"],
+           "norecord_vs_addmm": t["norecord"] / t["addmm"],
            "vs_careful": t["careful"] / t["pylora"], "roofline_ms": roofline * 1e3,
            "of_roofline": roofline / t["pylora"], "of_copy_bw": (traffic / t["pylora"]) / limits.copy_Bps,
            "record_pct": 100 * record.nbytes / wbytes, "record_corrections": record.corrections,
@@ -106,13 +114,16 @@ def bench_case(timer, limits, checks, O, I, r, dtype, rel, device, gen) -> dict:
     bound = record_bound_pct(O, I, elt)
     checks.within(case, "record % of W", row["record_pct"], 0.0, bound, "merge_'s record format allows")
     checks.within(case, "unmerge_ bit-exact (1 = yes)", float(exact), 1.0, 1.0, "unmerge_'s definition requires")
+    checks.within(case, "record=False gives the same W (1 = yes)", float(same_without_record), 1.0, 1.0,
+                  "merge_'s definition requires")
     return row
 
 
 COLUMNS = [("shape", "W", "s"), ("dtype", "dtype", "s"), ("r", "r", "d"), ("rel", "update", "g"),
-           ("pylora_ms", "pylora merge ms", ".2f"), ("spread", "± spread", ".0%"), ("unmerge_ms", "exact unmerge ms", ".2f"),
+           ("pylora_ms", "pylora merge ms", ".2f"), ("spread", "± spread", ".0%"),
+           ("norecord_ms", "merge, no record ms", ".2f"), ("unmerge_ms", "exact unmerge ms", ".2f"),
            ("addmm_ms", "torch addmm_ ms", ".2f"), ("peft_ms", "PEFT way ms", ".2f"), ("careful_ms", "careful fp32 ms", ".2f"),
-           ("time_vs_addmm", "pylora/addmm time", ".2f"), ("vs_careful", "careful/pylora", ".1f"),
+           ("time_vs_addmm", "pylora/addmm time", ".2f"), ("norecord_vs_addmm", "no record/addmm time", ".2f"), ("vs_careful", "careful/pylora", ".1f"),
            ("of_roofline", "of roofline", ".0%"), ("of_copy_bw", "of copy BW", ".0%"),
            ("record_pct", "record % of W", ".2f"), ("n", "n", "d")]
 
@@ -163,8 +174,8 @@ def run(argv=None, out_dir=None) -> int:
             for r in sweep["ranks"]:
                 for rel in sweep["rels"]:
                     row = report.add(bench_case(timer, limits, report.checks, O, I, r, dtype, rel, device, gen))
-                    print(f"  {row['shape']} {row['dtype']} r={r} rel={rel:g}: merge {row['pylora_ms']:.2f} ms "
-                          f"(addmm_ {row['addmm_ms']:.2f}, record {row['record_pct']:.2f}% of W, "
+                    print(f"  {row['shape']} {row['dtype']} r={r} rel={rel:g}: merge {row['pylora_ms']:.2f} ms, "
+                          f"without a record {row['norecord_ms']:.2f} ms (addmm_ {row['addmm_ms']:.2f}, record {row['record_pct']:.2f}% of W, "
                           f"{row['timing']['rounds']} rounds, {row['timing']['stopped']})", flush=True)
     path = args.out or h.default_out(SUITE, args, out_dir)
     report.finish(path, COLUMNS, title=f"Merge W += s B A (ms; s = {SCALE}; update = std(s B A) / std(W))")

@@ -82,9 +82,9 @@ def test_a_suite_whose_result_beats_its_floor_exits_4_and_writes_failed_json(tmp
     assert not path.exists()
     data = json.loads((tmp_path / "merge.failed.json").read_text())
     failures = data["sanity"]["failures"]
-    assert len(failures) == 5  # pylora, unmerge, addmm, PEFT's way, careful: each below the floor
+    assert len(failures) == 6  # every method below its floor: merge_ with and without a record, unmerge_, addmm_, PEFT, careful
     assert all(f.startswith("merge: 128x256 float32 r=4 rel=0.01: ") and "below its floor" in f for f in failures)
-    assert "5 of" in capsys.readouterr().err
+    assert "6 of" in capsys.readouterr().err
 
 
 def test_cli_reports_failed_and_skipped_suites(monkeypatch, tmp_path, capsys):
