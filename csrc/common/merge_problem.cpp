@@ -88,14 +88,9 @@ MergeProblem prepare_merge(const char* op, const at::Tensor& weight, const at::T
   return mp;
 }
 
-bool bound_allows_merge(const MergeProblem& mp) {
+bool bound_allows_merge(const MergeProblem& mp, double wmax) {
   if (mp.S.numel() == 0) return true;
   const float lim = storage_max(mp.S.scalar_type());
-  // aminmax is one fast pass and propagates NaN; max|W| = max(-min, max).
-  const auto mm_ = at::aminmax(mp.S);
-  const double wmin_ = std::get<0>(mm_).item<double>(), wmax_ = std::get<1>(mm_).item<double>();
-  if (!std::isfinite(wmin_) || !std::isfinite(wmax_)) return false;
-  const double wmax = std::max(-wmin_, wmax_);
   const double umax = mp.U.abs().sum(1).max().item<double>();
   const double vmax = mp.V.abs().max().item<double>();
   const double dmax = std::fabs(static_cast<double>(mp.params.s)) * umax * vmax;

@@ -64,8 +64,9 @@ MergeProblem prepare_merge(const char* op, const at::Tensor& weight, const at::T
 
 // True when no merged element can overflow or be NaN: W finite, U and V finite, and
 // max|W| + |s| max_p sum_k |U[p,k]| max|V| well below the storage dtype's largest finite value.
-// False means "check every element", not "fails".
-bool bound_allows_merge(const MergeProblem& mp);
+// False means "check every element", not "fails". wmax_abs: max|W|, as the kernel found it in a pass of
+// its own (inf or NaN when W holds a non-finite element).
+bool bound_allows_merge(const MergeProblem& mp, double wmax_abs);
 
 // Raises ValueError: the merged weight would not be finite at storage element `index` (= p * Q + q,
 // the first such element in storage order). The message's numbers are read back here, on the host,

@@ -8,8 +8,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../common/merge_math.h"
@@ -35,6 +37,62 @@ constexpr int64_t kTile = 384;  // columns per tile; a multiple of kCB
 static_assert(kTile % kCB == 0, "kTile must be a multiple of kCB");
 static_assert(kTile <= mm::kChunk, "a tile must span at most two record chunks");
 
+// The fma chain of one element: U's row u, V's column v (stride apart), r steps.
+inline float chain(const float* u, const float* v, int64_t r, int64_t stride) {
+  float a = 0.f;
+  for (int64_t k = 0; k < r; ++k) a = mm::fma_rn(u[k], v[k * stride], a);
+  return a;
+}
+
+// V [r, Q] repacked so that each block of kCB columns is one contiguous [r, kCB] stream (a row-major V
+// would make the k loop jump Q floats per step and starve the loads); columns past the last full
+// block stay in V.
+//
+// The dot path: with AVX512-BF16 and bf16-valued factors (bf16 adapters), the chain takes two k steps
+// per instruction (vec::dot2). Each step adds an exact product (bf16 x bf16 fits fp32) with one
+// rounding, as fma does, and in k order when a pair is stored as (k + 1, k), since the instruction adds
+// the odd element's product first. It differs from fma in two ways, both ruled out before the path is
+// taken (dot_keeps_bits): subnormal inputs and results are flushed to zero, so no factor may be
+// subnormal and every product must be a multiple of 2^-126 (then every partial sum is 0 or normal);
+// and a product is rounded before it is added, so none may overflow. The CPU's instruction is checked
+// once as well (dot_instruction_ok). The path's data: pairs [Q / kCB, ceil(r / 2), 2 kCB], column j's
+// steps (k, k + 1) at 2j + 1 and 2j as bf16 bits (a zero past r), and upairs [P, ceil(r / 2)], U's
+// rows as broadcast words: U[p, k] in the high half, U[p, k + 1] in the low one.
+struct PackedV {
+  at::Tensor blocks;  // [Q / kCB, r, kCB]
+  at::Tensor pairs;   // dot path: int16 bits
+  at::Tensor upairs;  // dot path: int32 words
+  const float* V;     // [r, Q]
+  int64_t Q, r, full, rp;
+  bool dot;
+};
+
+PackedV pack_blocks(const MergeProblem& mp) {
+  const int64_t Q = mp.params.Q, r = mp.params.r, nfull = Q / kCB;
+  at::Tensor blocks = mp.V.narrow(1, 0, nfull * kCB).view({r, nfull, kCB}).permute({1, 0, 2}).contiguous();
+  return PackedV{blocks, {}, {}, mp.params.V, Q, r, nfull * kCB, (r + 1) / 2, false};
+}
+
+// Adds the dot path's data; U and pv's blocks must hold bf16 values.
+void pack_pairs(PackedV& pv, const at::Tensor& U) {
+  const int64_t nfull = pv.full / kCB, r = pv.r, rp = pv.rp;
+  // bf16 bits of the (exactly bf16) fp32 values: their high halves (an arithmetic shift, then int16).
+  const at::Tensor vb = at::constant_pad_nd(pv.blocks, {0, 0, 0, 2 * rp - r}).view(at::kInt).__rshift__(16);
+  // [nfull, rp, 2 (k, k + 1), kCB] -> [nfull, rp, kCB, 2 (k + 1, k)]
+  pv.pairs = vb.view({nfull, rp, 2, kCB}).flip(2).permute({0, 1, 3, 2}).to(at::kShort).contiguous();
+  // U[p, k]'s bits already fill the high half over a zero low half; U[p, k + 1]'s go to the low half.
+  const at::Tensor ub = at::constant_pad_nd(U, {0, 2 * rp - r}).view(at::kInt).view({-1, rp, 2});
+  pv.upairs = ub.select(2, 0).bitwise_or(ub.select(2, 1).__rshift__(16).bitwise_and(0xFFFF)).contiguous();
+  pv.dot = true;
+}
+
+inline const uint32_t* upairs_of(const PackedV& pv) {
+  return reinterpret_cast<const uint32_t*>(pv.upairs.const_data_ptr<int32_t>());
+}
+inline const uint16_t* pairs_of(const PackedV& pv) {
+  return reinterpret_cast<const uint16_t*>(pv.pairs.const_data_ptr<int16_t>());
+}
+
 // acc[i][j] = fma chain over k of U[p0 + i, k] * V[k, q0 + j], for i < RB and j in [j0, j0 + kCB).
 // v points at the packed block: v[k * kCB + j] = V[k, q], one contiguous stream over k.
 template <int RB>
@@ -49,42 +107,122 @@ inline void accumulate_block(const float* __restrict U, int64_t r, const float* 
   for (int i = 0; i < RB; ++i) vec::store(acc[i] + j0, a[i]);
 }
 
-// V [r, Q] repacked so that each block of kCB columns is one contiguous [r, kCB] stream (a row-major V
-// would make the k loop jump Q floats per step and starve the loads); columns past the last full
-// block stay in V.
-struct PackedV {
-  at::Tensor blocks;  // [Q / kCB, r, kCB]
-  const float* V;     // [r, Q]
-  int64_t Q, r, full;
-};
+// The same on the dot path: u holds row p0's broadcast words (rows rp apart), v the block's pairs.
+template <int RB>
+inline void accumulate_block_dot(const uint32_t* __restrict u, int64_t rp, const uint16_t* __restrict v,
+                                 float (*__restrict acc)[kTile], int64_t j0) {
+  vec::Block a[RB];
+  for (int i = 0; i < RB; ++i) a[i] = vec::zero_block();
+  for (int64_t kp = 0; kp < rp; ++kp, v += 2 * kCB) {
+    const vec::PairBlock vk = vec::load_pair_block(v);
+    for (int i = 0; i < RB; ++i) a[i] = vec::dot2(vec::set1_pair(u[i * rp + kp]), vk, a[i]);
+  }
+  for (int i = 0; i < RB; ++i) vec::store(acc[i] + j0, a[i]);
+}
+
+// Checks, once per process, that the CPU's bf16 dot product adds a pair's two products in the order
+// documented, with one rounding each: one column's products are 1, 0, 2^24, 1, which sum to 2^24 in k
+// order (1 + 2^24 ties to even) but to 2^24 + 2 in another order or with one rounding per pair; the
+// other columns hold mixed values, with an even and an odd r. Any difference keeps the fma path.
+bool dot_instruction_ok() {
+  static const bool ok = [] {
+    if (!vec::kBf16Dot) return false;
+    uint32_t state = 12345;
+    auto bf16 = [&](int e) {  // a bf16 value, sign and mantissa at random, exponent e to e + 4
+      state = state * 1664525u + 1013904223u;
+      const uint32_t b = (static_cast<uint32_t>(127 + e + static_cast<int>((state >> 24) % 5)) << 23) |
+                         (((state >> 8) & 0x7Fu) << 16) | ((state & 1u) << 31);
+      return mm::u2f(b);
+    };
+    for (const int64_t r : {4, 5}) {
+      const int64_t Q = kCB;
+      std::vector<float> U(r), V(r * Q);
+      for (int64_t k = 0; k < r; ++k) U[k] = k < 4 ? 1.f : bf16(0);
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t q = 0; q < Q; ++q) V[k * Q + q] = bf16(static_cast<int>(k % 3) * 9 - 9);
+      const float col0[5] = {1.f, 0.f, 16777216.f, 1.f, 0.f};
+      for (int64_t k = 0; k < r; ++k) V[k * Q] = col0[k];
+      MergeProblem mp;
+      mp.U = at::from_blob(U.data(), {1, r}, at::kFloat);
+      mp.V = at::from_blob(V.data(), {r, Q}, at::kFloat);
+      mp.params.P = 1, mp.params.Q = Q, mp.params.r = r, mp.params.V = V.data();
+      PackedV pv = pack_blocks(mp);
+      pack_pairs(pv, mp.U);
+      alignas(64) float got[1][kTile];
+      accumulate_block_dot<1>(upairs_of(pv), pv.rp, pairs_of(pv), got, 0);
+      for (int64_t q = 0; q < Q; ++q)
+        if (mm::f2u(got[0][q]) != mm::f2u(chain(U.data(), V.data() + q, r, Q))) return false;
+      if (got[0][0] != 16777216.f) return false;
+    }
+    return true;
+  }();
+  return ok;
+}
+
+// True when the dot path gives the fma chain's bits for these factors (see PackedV).
+bool dot_keeps_bits(const at::Tensor& U, const at::Tensor& V) {
+  if (!vec::kBf16Dot) return false;
+  // The biased exponents of the smallest and largest non-zero magnitudes of one factor.
+  auto range = [](const at::Tensor& t, int& lo, int& hi) {
+    const float* x = t.const_data_ptr<float>();
+    lo = 255, hi = 0;
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) {
+      const uint32_t b = mm::f2u(x[i]), e = (b >> 23) & 0xFFu;
+      if (b & 0xFFFFu) return false;         // not a bf16 value
+      if ((b & 0x7FFFFFFFu) == 0) continue;  // zero: adds a zero exactly either way
+      if (e == 0 || e == 255) return false;  // subnormal, inf or NaN
+      lo = std::min<int>(lo, static_cast<int>(e));
+      hi = std::max<int>(hi, static_cast<int>(e));
+    }
+    return true;
+  };
+  int ulo, uhi, vlo, vhi;
+  if (!range(U, ulo, uhi) || !range(V, vlo, vhi)) return false;
+  // A factor of zeros only: every product is zero. Otherwise u = m 2^(eu - 134) with an integer m, so
+  // u v is a multiple of 2^(eu + ev - 268), at least 2^-126 when eu + ev >= 142; and |u v| <
+  // 2^(eu + ev - 252) stays below 2^126 when eu + ev <= 378.
+  const bool fits = uhi == 0 || vhi == 0 || (ulo + vlo >= 142 && uhi + vhi <= 378);
+  return fits && dot_instruction_ok();
+}
 
 PackedV pack_v(const MergeProblem& mp) {
-  const int64_t Q = mp.params.Q, r = mp.params.r, nfull = Q / kCB;
-  at::Tensor blocks = mp.V.narrow(1, 0, nfull * kCB).view({r, nfull, kCB}).permute({1, 0, 2}).contiguous();
-  return PackedV{blocks, mp.params.V, Q, r, nfull * kCB};
+  PackedV pv = pack_blocks(mp);
+  if (pv.full > 0 && pv.r > 0 && dot_keeps_bits(mp.U, mp.V)) pack_pairs(pv, mp.U);
+  return pv;
 }
 
 // acc[i][j] = fma chain over k of U[p0 + i, k] * V[k, q0 + j] (the definition in merge_math.h), i < RB, j < n.
 template <int RB>
-inline void accumulate(const float* __restrict U, const PackedV& pv, int64_t q0, int64_t n,
+inline void accumulate(const float* __restrict U, int64_t p0, const PackedV& pv, int64_t q0, int64_t n,
                        float (*__restrict acc)[kTile]) {
   const int64_t r = pv.r;
-  const float* blocks = pv.blocks.const_data_ptr<float>();
+  const float* Up = U + p0 * r;
   int64_t j0 = 0;
-  for (; j0 + kCB <= n && q0 + j0 + kCB <= pv.full; j0 += kCB)
-    accumulate_block<RB>(U, r, blocks + ((q0 + j0) / kCB) * r * kCB, acc, j0);
-  for (int i = 0; i < RB; ++i) {
-    for (int64_t j = j0; j < n; ++j) {
-      float a = 0.f;
-      for (int64_t k = 0; k < r; ++k) a = mm::fma_rn(U[i * r + k], pv.V[k * pv.Q + q0 + j], a);
-      acc[i][j] = a;
-    }
+  if (pv.dot) {
+    const uint32_t* up = upairs_of(pv) + p0 * pv.rp;
+    for (; j0 + kCB <= n && q0 + j0 + kCB <= pv.full; j0 += kCB)
+      accumulate_block_dot<RB>(up, pv.rp, pairs_of(pv) + ((q0 + j0) / kCB) * pv.rp * 2 * kCB, acc, j0);
+  } else {
+    const float* blocks = pv.blocks.const_data_ptr<float>();
+    for (; j0 + kCB <= n && q0 + j0 + kCB <= pv.full; j0 += kCB)
+      accumulate_block<RB>(Up, r, blocks + ((q0 + j0) / kCB) * r * kCB, acc, j0);
   }
+  for (int i = 0; i < RB; ++i)
+    for (int64_t j = j0; j < n; ++j) acc[i][j] = chain(Up + i * r, pv.V + q0 + j, r, pv.Q);
 }
 
 struct NoBlockEnd {
   void operator()(int64_t, int64_t) const {}
 };
+
+// Prefetches rows [0, nr) of n elements from w (rows Q elements apart), for writing.
+template <class bits_t>
+inline void prefetch_rows(const bits_t* w, int64_t nr, int64_t Q, int64_t n) {
+  for (int64_t i = 0; i < nr; ++i) {
+    const char* row = reinterpret_cast<const char*>(w + i * Q);
+    for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(bits_t)); off += 64) __builtin_prefetch(row + off, 1, 3);
+  }
+}
 
 // Calls body(p, q0, n, acc_row) for every storage row p in [b, e) and column tile, with acc_row[j]
 // the fp32 LoRA product of (p, q0 + j); full blocks of kRB rows share their V loads, so the tiles
@@ -93,16 +231,22 @@ template <class bits_t, class Body, class BlockEnd = NoBlockEnd>
 void for_each_tile(const MergeParams<bits_t>& prm, const PackedV& pv, int64_t b, int64_t e, Body&& body,
                    BlockEnd&& block_end = BlockEnd()) {
   const float* U = prm.U;
-  const int64_t Q = prm.Q, r = prm.r;
+  const int64_t Q = prm.Q;
   alignas(64) float acc[kRB][kTile];
   for (int64_t p0 = b; p0 < e; p0 += kRB) {
     const int64_t nr = std::min<int64_t>(kRB, e - p0);
     for (int64_t q0 = 0; q0 < Q; q0 += kTile) {
       const int64_t n = std::min(kTile, Q - q0);
+      // The next tile's weights are fetched while this tile's products are computed: the products
+      // touch no weight, so the memory would otherwise idle through them and the body wait on it.
+      if (q0 + kTile < Q)
+        prefetch_rows(prm.W + p0 * Q + q0 + kTile, nr, Q, std::min(kTile, Q - q0 - kTile));
+      else if (p0 + kRB < e)
+        prefetch_rows(prm.W + (p0 + kRB) * Q, std::min<int64_t>(kRB, e - p0 - kRB), Q, std::min(kTile, Q));
       if (nr == kRB) {
-        accumulate<kRB>(U + p0 * r, pv, q0, n, acc);
+        accumulate<kRB>(U, p0, pv, q0, n, acc);
       } else {
-        for (int64_t i = 0; i < nr; ++i) accumulate<1>(U + (p0 + i) * r, pv, q0, n, acc + i);
+        for (int64_t i = 0; i < nr; ++i) accumulate<1>(U, p0 + i, pv, q0, n, acc + i);
       }
       for (int64_t i = 0; i < nr; ++i) body(p0 + i, q0, n, acc[i]);
     }
@@ -138,6 +282,27 @@ struct Part : Entries<S> {
   int64_t row_begin = 0;
   std::vector<int16_t> counts;  // per chunk of these rows (<= kChunk entries each)
 };
+
+// max|w| over the weight (inf when an element is inf or NaN), in one pass at the memory's speed: IEEE
+// magnitudes order as their bit patterns do once the sign is cleared, so an integer max (vectorised by
+// the compiler) finds it. at::aminmax, the generic way, converts every element to float and keeps two
+// results: 1.5-1.7x as long here on a 4096x11008 weight.
+template <class S>
+double max_abs(const MergeParams<typename S::bits_t>& prm) {
+  using bits_t = typename S::bits_t;
+  using mag_t = std::make_signed_t<bits_t>;  // magnitudes fit: the sign bit is cleared
+  constexpr mag_t kMag = static_cast<mag_t>(static_cast<bits_t>(~bits_t{0}) >> 1);
+  const bits_t* W = prm.W;
+  const mag_t m = at::parallel_reduce(
+      0, prm.P * prm.Q, int64_t{1} << 16, mag_t{0},
+      [&](int64_t b, int64_t e, mag_t acc) {
+        for (int64_t i = b; i < e; ++i) acc = std::max(acc, static_cast<mag_t>(W[i] & kMag));
+        return acc;
+      },
+      [](mag_t a, mag_t b) { return std::max(a, b); });
+  const bits_t bits = static_cast<bits_t>(m);
+  return S::finite(bits) ? static_cast<double>(S::to_f(bits)) : std::numeric_limits<double>::infinity();
+}
 
 // Returns the flat index of the first element whose merged value would not be finite, or -1.
 template <class S>
@@ -193,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_impl(const Merg
   const int64_t Q = prm.Q, nb = prm.nb;
   const float s = prm.s;
   const PackedV pv = pack_v(mp);
-  if (!bound_allows_merge(mp)) {
+  if (!bound_allows_merge(mp, max_abs<S>(prm))) {
     const int64_t bad = first_nonfinite<S>(prm, pv);
     if (bad >= 0) fail_nonfinite("merge_", mp, bad);
   }

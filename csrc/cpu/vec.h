@@ -219,16 +219,35 @@ inline void for_each_set(const uint8_t* flags, int64_t n, F&& f) {
 // adds x[2l] * a[2l] + x[2l + 1] * a[2l + 1] to lane l of acc: products exact in fp32, sums rounded to
 // nearest even, bf16 subnormal inputs read as zero. Twice an fp32 fma's work per instruction, with no
 // conversions. kBf16Dot says whether this build has it; kernels fall back to load and fma otherwise.
+//
+// For Blocks: PairBlock holds kBlock columns' pairs (2 * kBlock bf16 bits, column j's pair at 2j and
+// 2j + 1), set1_pair broadcasts one pair (two bf16 bits in a 32-bit word: element 2l in the low half),
+// and dot2(u, v, c) adds u's pair dotted with each column's pair to c. The instruction adds the odd
+// element's product first, then the even one's (Intel SDM, VDPBF16PS), each with one rounding.
 #if PYLORA_VEC == PYLORA_VEC_AVX512 && defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
 using Pairs = __m512bh;
 inline Pairs load_pairs(const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline V dot2(V acc, Pairs x, Pairs a) { return _mm512_dpbf16_ps(acc, x, a); }
+struct PairBlock {
+  Pairs v[2];
+};
+inline PairBlock load_pair_block(const uint16_t* p) {
+  return PairBlock{{(__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_loadu_si512(p + 2 * W)}};
+}
+inline Pairs set1_pair(uint32_t two) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(two)); }
+inline Block dot2(Pairs u, const PairBlock& v, const Block& c) {
+  return Block{{_mm512_dpbf16_ps(c.v[0], u, v.v[0]), _mm512_dpbf16_ps(c.v[1], u, v.v[1])}};
+}
 #else
 constexpr bool kBf16Dot = false;
 struct Pairs {};
+struct PairBlock {};
 inline Pairs load_pairs(const c10::BFloat16*) { return Pairs{}; }  // never called
 inline V dot2(V acc, Pairs, Pairs) { return acc; }                // never called
+inline PairBlock load_pair_block(const uint16_t*) { return PairBlock{}; }  // never called
+inline Pairs set1_pair(uint32_t) { return Pairs{}; }                      // never called
+inline Block dot2(Pairs, const PairBlock&, const Block& c) { return c; }   // never called
 #endif
 
 // Stream compaction: writes, in order, the src[j] (j < n) whose keep[j] is non-zero to dst and returns

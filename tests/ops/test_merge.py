@@ -49,6 +49,31 @@ def test_kernel_equals_reference_bitwise(device, dtype, ab_dtype, fifo, shape):
                            b.view(torch.uint8) if b.is_floating_point() else b), name
 
 
+@pytest.mark.parametrize("exp", [-70, -62, -56, -50, 0, 40, 60])
+@pytest.mark.parametrize("r", [5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_factors_at_every_scale_give_the_reference_bits(device, exp, r, dtype):
+    """bf16 factors take the CPU kernel's bf16 dot-product path (AVX512-BF16) only where it gives the fma
+    chain's bits: every product a normal fp32 number and none overflowing. Factors ~2^exp put the
+    products near 2^(2 exp): subnormal (-70, -62), at the limit (-56), ordinary, and large (60); each
+    merge and its record equal the reference's, whichever path the kernel took."""
+    if not all(_ext.has_kernel(op, device) for op in KERNEL_OPS):
+        pytest.skip(f"no compiled kernel for {device}")
+    g = torch.Generator().manual_seed(exp + 1000 * r)
+    O, I = 40, 100  # three full 32-column blocks and a tail
+    W = (torch.randn(O, I, generator=g, dtype=torch.float64) * 2.0 ** (2 * exp)).to(dtype).to(device)
+    A = (torch.randn(r, I, generator=g) * 2.0 ** exp).to(torch.bfloat16).to(device)
+    B = (torch.randn(O, r, generator=g) * 2.0 ** exp).to(torch.bfloat16).to(device)
+    W_ref = W.clone()
+    rec = ops.merge_(W, A, B, 1.7)
+    with ops.reference_mode():
+        rec_ref = ops.merge_(W_ref, A, B, 1.7)
+    assert torch.equal(bits(W), bits(W_ref))
+    for name, a, b in zip(("counts", "entries", "esc_index", "esc_value"), rec.tensors(), rec_ref.tensors()):
+        assert torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
+                           b.view(torch.uint8) if b.is_floating_point() else b), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fifo", [False, True])
 def test_merge_matches_float64_truth(backend, device, dtype, fifo):
