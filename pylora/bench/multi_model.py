@@ -117,9 +117,15 @@ def run(argv=None, out_dir=None) -> int:
     out = {}
     with torch.no_grad():
         if pm is not None:  # the two servers compute the same function
-            a = methods["pylora"](ids).logits[:, -1].float()
-            b = methods["peft"](ids).logits[:, -1].float()
+            a_all = methods["pylora"](ids).logits.float()
+            b_all = methods["peft"](ids).logits.float()
+            a, b = a_all[:, -1], b_all[:, -1]
             err = float((a - b).abs().max() / b.abs().max())
+            # Greedy tokens at every prompt position: what the adapters' dtype does to outputs.
+            agree = float((a_all.argmax(-1) == b_all.argmax(-1)).float().mean())
+            report.config["greedy_agreement_with_peft"] = agree
+            report.note(f"greedy tokens at the {rows}x{L} prompt positions agree with PEFT's in {agree:.1%} "
+                        f"(adapters in {h.dtype_name(adapter_dtype)}; PEFT keeps them in float32)")
             report.checks.within(case, "max |MultiLoRA - PEFT| / max |PEFT| of the last logits", err, 0.0,
                                  1e-3 if dtype == torch.float32 else 5e-2, "the same adapters on the same rows allow")
         caches = {k: fn(ids, use_cache=True).past_key_values for k, fn in methods.items()}
