@@ -75,7 +75,7 @@ def step_fn(model, opt, ids, compiled=False):
     fwd = torch.compile(model) if compiled else model
 
     def step(k=0):
-        loss = fwd(input_ids=ids, labels=ids).loss
+        loss = fwd(input_ids=ids, labels=ids, use_cache=False).loss  # training: no KV cache to build
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         loss.backward()
