@@ -351,16 +351,35 @@ void cut(std::vector<Task>& out, int64_t g, int64_t n, int64_t m, int64_t k, int
 }
 
 // Runs f(task) for every task; threads take the next task from a shared counter, so tasks of uneven
-// size still balance. Inside an enclosing parallel region at::parallel_for runs inline.
-template <class F>
-void run_tasks(const std::vector<Task>& tasks, const F& f) {
+// size still balance. Inside an enclosing parallel region at::parallel_for runs inline. Before each
+// task, ahead(the task a thread is likely to take next) starts fetching that task's adapter rows.
+template <class F, class Ahead>
+void run_tasks(const std::vector<Task>& tasks, const F& f, const Ahead& ahead) {
   const int64_t n = static_cast<int64_t>(tasks.size());
   if (n == 0) return;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(tasks[i]);
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      if (i + workers < n) ahead(tasks[i + workers]);
+      f(tasks[i]);
+    }
   });
+}
+
+// The first lines of rows [0, nr) of the pool (row indices rows, stride ld elements), each from column
+// o: a task's rows sit anywhere in the pool, and each is one sequential run that the hardware
+// prefetcher follows once it has seen it start; requesting the starts of the next task's rows while
+// this task computes saves their first misses.
+template <class T>
+inline void prefetch_row_starts(const T* base, const int32_t* rows, int64_t nr, int64_t ld, int64_t o,
+                                int64_t len) {
+  constexpr int64_t kLines = 8;
+  const int64_t bytes = std::min<int64_t>(len * static_cast<int64_t>(sizeof(T)), kLines * 64);
+  for (int64_t j = 0; j < nr; ++j) {
+    const char* p = reinterpret_cast<const char*>(base + rows[j] * ld + o);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+  }
 }
 
 // Work per task: enough to amortise taking one (~32k fmas, a few microseconds), and about four tasks
@@ -418,7 +437,10 @@ void lora_apply_impl(const LoraApplyParams<T>& a) {
     cut(tasks, k, groups[k].n, groups[k].r, std::max<int64_t>(a.I, 1), shrink_work, kShrinkRR, 4 * kShrinkRT,
         max_rows);
   }
-  run_tasks(tasks, [&](const Task& k) { shrink_task(c, k); });
+  run_tasks(tasks, [&](const Task& k) { shrink_task(c, k); }, [&](const Task& k) {
+    const Group& g = groups[k.g];
+    prefetch_row_starts(a.A, g.rows + k.a0, k.a1 - k.a0, a.lda, 0, a.I);
+  });
 
   tasks.clear();
   const int64_t expand_work = task_work(expand_total);
@@ -427,7 +449,10 @@ void lora_apply_impl(const LoraApplyParams<T>& a) {
     const int64_t max_cols = std::max<int64_t>(cols, kSliceBytes / (groups[k].r * elt) / cols * cols);
     cut(tasks, k, groups[k].n, a.O, groups[k].r, expand_work, cols, 4 * kExpandRT, max_cols);
   }
-  run_tasks(tasks, [&](const Task& k) { expand_task(c, k); });
+  run_tasks(tasks, [&](const Task& k) { expand_task(c, k); }, [&](const Task& k) {
+    const Group& g = groups[k.g];
+    prefetch_row_starts(a.B, g.rows, g.r, a.ldb, k.a0, k.a1 - k.a0);
+  });
 }
 
 }  // namespace
