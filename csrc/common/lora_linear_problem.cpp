@@ -1,20 +1,12 @@
 #include "lora_linear_problem.h"
 
 #include <cmath>
-#include <sstream>
-#include <string>
 
 #include "dtypes.h"
 
 namespace pylora {
 
 namespace {
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
 
 // The same dtype and device as x, or a ValueError naming both.
 void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
@@ -57,19 +49,19 @@ LoraLinearParams check_lora_linear(const char* op, const at::Tensor& x, const at
                     " (r)");
   TORCH_CHECK_VALUE(x.size(1) == I, op, ": x.size(1)=", x.size(1), " must equal lora_A.size(1)=", I, " (I)");
   const int64_t want0 = fan_in_fan_out ? I : O, want1 = fan_in_fan_out ? O : I;
-  TORCH_CHECK_VALUE(weight.size(0) == want0 && weight.size(1) == want1, op, ": weight.shape=", shape_str(weight),
+  TORCH_CHECK_VALUE(weight.size(0) == want0 && weight.size(1) == want1, op, ": weight.shape=", weight.sizes(),
                     " must equal ", fan_in_fan_out ? "[I, O]=[" : "[O, I]=[", want0, ", ", want1,
-                    "] from lora_A [r, I]=", shape_str(lora_A), " and lora_B [O, r]=", shape_str(lora_B),
+                    "] from lora_A [r, I]=", lora_A.sizes(), " and lora_B [O, r]=", lora_B.sizes(),
                     " (fan_in_fan_out=", fan_in_fan_out ? "True" : "False", ")");
   if (has_bias)
-    TORCH_CHECK_VALUE(bias->size(0) == O, op, ": bias.shape=", shape_str(*bias), " must equal [O]=[", O, "]");
+    TORCH_CHECK_VALUE(bias->size(0) == O, op, ": bias.shape=", bias->sizes(), " must equal [O]=[", O, "]");
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale=", scale, " must be finite");
   // Written so that NaN fails too.
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p=", dropout_p,
                     " must satisfy 0 <= dropout_p < 1");
   TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
                     ": seed must be a one-element int64 tensor on the CPU, got ", dtype_name(seed.scalar_type()),
-                    " of shape ", shape_str(seed), " on ", seed.device());
+                    " of shape ", seed.sizes(), " on ", seed.device());
 
   LoraLinearParams pb;
   pb.T = x.size(0);
@@ -91,9 +83,9 @@ void check_lora_linear_grads(const char* op, const LoraLinearParams& pb, const a
   check_like_x(op, "h", h, x);
   check_device_like_x(op, "grad_y", grad_y, x);
   check_device_like_x(op, "h", h, x);
-  TORCH_CHECK_VALUE(grad_y.size(0) == pb.T && grad_y.size(1) == pb.O, op, ": grad_y.shape=", shape_str(grad_y),
+  TORCH_CHECK_VALUE(grad_y.size(0) == pb.T && grad_y.size(1) == pb.O, op, ": grad_y.shape=", grad_y.sizes(),
                     " must equal [T, O]=[", pb.T, ", ", pb.O, "]");
-  TORCH_CHECK_VALUE(h.size(0) == pb.T && h.size(1) == pb.r, op, ": h.shape=", shape_str(h), " must equal [T, r]=[",
+  TORCH_CHECK_VALUE(h.size(0) == pb.T && h.size(1) == pb.r, op, ": h.shape=", h.sizes(), " must equal [T, r]=[",
                     pb.T, ", ", pb.r, "]");
 }
 

@@ -3,20 +3,12 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include <cmath>
-#include <sstream>
-#include <string>
 
 #include "dtypes.h"
 
 namespace pylora {
 
 namespace {
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
 
 // Adapter k's tokens, as indices into x's rows.
 at::Tensor group_index(const at::Tensor& tok_idx, at::IntArrayRef tok_ptr, size_t k) {
@@ -71,7 +63,7 @@ std::vector<LoraLinearParams> check_lora_multi(const char* op, const at::Tensor&
   }
   TORCH_CHECK_VALUE(tok_idx.dim() == 1 && tok_idx.scalar_type() == at::kLong, op,
                     ": tok_idx must be a 1-D int64 tensor, got ", dtype_name(tok_idx.scalar_type()), " of shape ",
-                    shape_str(tok_idx));
+                    tok_idx.sizes());
   TORCH_CHECK_VALUE(tok_idx.device() == x.device(), op, ": tok_idx.device=", tok_idx.device(),
                     " must equal x.device=", x.device());
   TORCH_CHECK_VALUE(tok_ptr[0] == 0, op, ": tok_ptr[0]=", tok_ptr[0], " must be 0");
@@ -142,7 +134,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
     std::array<bool, 3> output_mask, MaskedBackwardFn masked_backward) {
   const int64_t T = x.size(0), O = pbs[0].O;
   TORCH_CHECK_VALUE(grad_y.dim() == 2 && grad_y.size(0) == T && grad_y.size(1) == O, op, ": grad_y.shape=",
-                    shape_str(grad_y), " must equal [T, O]=[", T, ", ", O, "]");
+                    grad_y.sizes(), " must equal [T, O]=[", T, ", ", O, "]");
   TORCH_CHECK_VALUE(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y.dtype=", dtype_name(grad_y.scalar_type()),
                     " must equal x.dtype=", dtype_name(x.scalar_type()));
   TORCH_CHECK_VALUE(grad_y.device() == x.device(), op, ": grad_y.device=", grad_y.device(), " must equal x.device=",
@@ -150,7 +142,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
   TORCH_CHECK_VALUE(h.size() == pbs.size(), op, ": len(h)=", h.size(), " must equal N=", pbs.size());
   for (size_t k = 0; k < pbs.size(); ++k) {
     TORCH_CHECK_VALUE(h[k].dim() == 2 && h[k].size(0) == pbs[k].T && h[k].size(1) == pbs[k].r, op, ": h[", k,
-                      "].shape=", shape_str(h[k]), " must equal [n, r]=[", pbs[k].T, ", ", pbs[k].r, "]");
+                      "].shape=", h[k].sizes(), " must equal [n, r]=[", pbs[k].T, ", ", pbs[k].r, "]");
     TORCH_CHECK_VALUE(h[k].scalar_type() == x.scalar_type() && h[k].device() == x.device(), op, ": h[", k,
                       "] must have x's dtype and device");
   }

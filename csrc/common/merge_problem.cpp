@@ -10,12 +10,6 @@ namespace pylora {
 
 namespace {
 
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
-
 float storage_max(at::ScalarType t) {
   return dispatch_storage("merge_", t, [](auto tag) { return decltype(tag)::type::kMax; });
 }
@@ -34,7 +28,7 @@ std::string MergeProblem::where(int64_t p, int64_t q) const {
 
 MergeProblem prepare_merge(const char* op, const at::Tensor& weight, const at::Tensor& lora_A,
                            const at::Tensor& lora_B, double scale, bool fan_in_fan_out) {
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight.dim()=", weight.dim(), " must be 2 (", shape_str(weight), ")");
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight.dim()=", weight.dim(), " must be 2 (", weight.sizes(), ")");
   TORCH_CHECK_VALUE(lora_A.dim() == 2, op, ": lora_A.dim()=", lora_A.dim(), " must be 2 ([r, I])");
   TORCH_CHECK_VALUE(lora_B.dim() == 2, op, ": lora_B.dim()=", lora_B.dim(), " must be 2 ([O, r])");
   check_dtype(op, "weight", weight.scalar_type(), DtypeSet::kF32F16BF16);
@@ -50,9 +44,9 @@ MergeProblem prepare_merge(const char* op, const at::Tensor& weight, const at::T
                     " (r)");
   const int64_t O = lora_B.size(0), I = lora_A.size(1);
   const int64_t want0 = fan_in_fan_out ? I : O, want1 = fan_in_fan_out ? O : I;
-  TORCH_CHECK_VALUE(weight.size(0) == want0 && weight.size(1) == want1, op, ": weight.shape=", shape_str(weight),
+  TORCH_CHECK_VALUE(weight.size(0) == want0 && weight.size(1) == want1, op, ": weight.shape=", weight.sizes(),
                     " must equal ", fan_in_fan_out ? "[I, O]=[" : "[O, I]=[", want0, ", ", want1,
-                    "] from lora_A [r, I]=", shape_str(lora_A), " and lora_B [O, r]=", shape_str(lora_B),
+                    "] from lora_A [r, I]=", lora_A.sizes(), " and lora_B [O, r]=", lora_B.sizes(),
                     " (fan_in_fan_out=", fan_in_fan_out ? "True" : "False", ")");
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale=", scale, " must be finite");
   TORCH_CHECK_VALUE(std::fabs(scale) <= std::numeric_limits<float>::max(), op, ": scale=", scale,

@@ -305,8 +305,7 @@ void expand_packed(const Ctx<T>& c, const Group& g, const Task& k) {
     int64_t ahead = 0;  // next-panel rows requested so far
     for (int64_t t = k.t0; t < k.t1; t += kExpandRT) {
       for (int64_t e = std::min(r, ahead + rows_per_block); ahead < e; ++ahead) {
-        const char* nb = reinterpret_cast<const char*>(c.B + g.rows[ahead] * c.ldb + next);
-        for (int64_t off = 0; off < next_w * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(nb + off, 0, 2);
+        vec::prefetch<false, 2>(c.B + g.rows[ahead] * c.ldb + next, next_w * static_cast<int64_t>(sizeof(T)));
       }
       const int64_t nt = std::min<int64_t>(kExpandRT, k.t1 - t);
       for (int64_t sb = 0; sb < nsub; ++sb) {
@@ -376,10 +375,7 @@ inline void prefetch_row_starts(const T* base, const int32_t* rows, int64_t nr, 
                                 int64_t len) {
   constexpr int64_t kLines = 8;
   const int64_t bytes = std::min<int64_t>(len * static_cast<int64_t>(sizeof(T)), kLines * 64);
-  for (int64_t j = 0; j < nr; ++j) {
-    const char* p = reinterpret_cast<const char*>(base + rows[j] * ld + o);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
-  }
+  for (int64_t j = 0; j < nr; ++j) vec::prefetch<false, 2>(base + rows[j] * ld + o, bytes);
 }
 
 // Work per task: enough to amortise taking one (~32k fmas, a few microseconds), and about four tasks

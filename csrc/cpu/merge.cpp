@@ -218,10 +218,7 @@ struct NoBlockEnd {
 // Prefetches rows [0, nr) of n elements from w (rows Q elements apart), for writing.
 template <class bits_t>
 inline void prefetch_rows(const bits_t* w, int64_t nr, int64_t Q, int64_t n) {
-  for (int64_t i = 0; i < nr; ++i) {
-    const char* row = reinterpret_cast<const char*>(w + i * Q);
-    for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(bits_t)); off += 64) __builtin_prefetch(row + off, 1, 3);
-  }
+  for (int64_t i = 0; i < nr; ++i) vec::prefetch<true, 3>(w + i * Q, n * static_cast<int64_t>(sizeof(bits_t)));
 }
 
 // Calls body(p, q0, n, acc_row) for every storage row p in [b, e) and column tile, with acc_row[j]

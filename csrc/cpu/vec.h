@@ -250,6 +250,14 @@ inline Pairs set1_pair(uint32_t) { return Pairs{}; }                      // nev
 inline Block dot2(Pairs, const PairBlock&, const Block& c) { return c; }   // never called
 #endif
 
+// Requests the cache lines of [p, p + bytes), for reading or for writing, into L1 (locality 3) or L2
+// (2): a hint to the memory system, with no effect on any result.
+template <bool kWrite, int kLocality>
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, kWrite ? 1 : 0, kLocality);
+}
+
 // Stream compaction: writes, in order, the src[j] (j < n) whose keep[j] is non-zero to dst and returns
 // how many. src and keep must be readable up to n rounded up to 16, and keep zero past n; dst must
 // have room for the result plus 16. AVX-512 compresses 16 lanes per instruction.
