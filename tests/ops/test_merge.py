@@ -162,7 +162,7 @@ def test_noncontiguous_inputs(backend, device, dtype):
 
 def test_record_small_for_an_ordinary_adapter(backend, device):
     # A trained-like adapter: std(scale * B@A) = 0.3% of std(W) (make: 2 * delta_scale * scale).
-    # The record then costs under 1% of W's bytes; bench/bench_merge.py reports it across ratios.
+    # The record then costs under 1% of W's bytes; `pylora bench merge` reports it across update sizes.
     for dtype in DTYPES:
         W, A, B = make(512, 2048, 16, dtype, torch.float32, device, delta_scale=1.5e-3)
         rec = ops.merge_(W, A, B, 1.0)
