@@ -895,6 +895,32 @@ def child_env(**extra) -> dict:
     return env
 
 
+def run_child(args: Sequence[str], what: str, **env) -> dict:
+    """python -m args in a fresh process (child_env, plus env): the JSON object it prints last. Raises
+    RuntimeError naming `what` with the end of its stderr when it fails."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=child_env(**env),
+                         timeout=3600, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def proc_status_bytes(field_name: str) -> int:
+    """A size in /proc/self/status (VmRSS: the resident set, VmHWM: its high-water mark), in bytes."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field_name + ":")).split()[1]) * 1024
+
+
+def reset_peak_rss() -> int:
+    """Resets this process's resident high-water mark to its current resident set (Linux) and returns
+    that, in bytes: a memory run's peak is then proc_status_bytes("VmHWM") minus it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status_bytes("VmRSS")
+
+
 def entry(run: Callable[[list | None], int], argv: list | None) -> int:
     """A suite's main(): run it, turning SanityError and MissingDependency into exit statuses."""
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,19 +31,12 @@ QUICK = {"tensors": 4, "rows": 2048, "cols": 2048}
 FULL = {"tensors": 8, "rows": 4096, "cols": 4096}
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(key)).split()[1]) * 1024
-
-
 def child(way: str, base: str, adapter: str, out: str, dtype: str) -> dict:
     """In a fresh process (imports done): reset the high-water mark, merge one way, report."""
     from pylora import adapters, checkpoint, ops  # noqa: F401  (imported before the mark is reset)
     from safetensors.torch import load_file, save_file
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the high-water mark becomes the current resident set: the imports' peak cannot hide ours
-    before = _status("VmRSS")
+    before = h.reset_peak_rss()  # the imports' peak cannot hide ours
     t0 = time.perf_counter()
     if way == "pylora":
         checkpoint.merge_checkpoint(base, [adapter], out, dtype=dtype or None, progress=False)
@@ -64,7 +56,7 @@ def child(way: str, base: str, adapter: str, out: str, dtype: str) -> dict:
     else:
         raise ValueError(way)
     seconds = time.perf_counter() - t0
-    return {"rss_before": before, "rss_peak": _status("VmHWM"), "seconds": seconds}
+    return {"rss_before": before, "rss_peak": h.proc_status_bytes("VmHWM"), "seconds": seconds}
 
 
 def build(d: str, n: int, rows: int, cols: int, dtype: torch.dtype, rank: int, per_shard: int, seed: int) -> None:
@@ -98,14 +90,12 @@ def build(d: str, n: int, rows: int, cols: int, dtype: torch.dtype, rank: int, p
 
 def run_way(way: str, d: str, out_dtype: str, k: int, threads: int | None) -> dict:
     out = os.path.join(d, f"out_{way}_{k}")
-    cmd = [sys.executable, "-m", "pylora.bench.merge_checkpoint", "--child", way, os.path.join(d, "base"),
-           os.path.join(d, "adapter"), out, out_dtype]
-    env = h.child_env(**({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, check=False)
-    shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{SUITE}: the {way} merge failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = ["pylora.bench.merge_checkpoint", "--child", way, os.path.join(d, "base"), os.path.join(d, "adapter"), out,
+            out_dtype]
+    try:
+        return h.run_child(args, f"{SUITE}: the {way} merge", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 WAYS = {"pylora": "pylora merge (tensor by tensor)", "load_all": "load all, merge, save_file"}

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 
 import torch
 
 from pylora.bench import harness as h
 from pylora.bench import models
-from pylora.bench.train_model import _detach_output, _rss
+from pylora.bench.train_model import _detach_output
 
 SUITE = "train-joint"
 STEM = "train_joint"
@@ -116,9 +115,7 @@ def memory_child(cfg: dict) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start = _rss("VmRSS:")
+    start = h.reset_peak_rss()
     base = models.build_llama(cfg["sizes"], device, h.DTYPES[cfg["dtype"]], suite=SUITE, seed=cfg["seed"])
     n = cfg["adapters"]
     ids, names = rows_of(n, cfg["rows"], cfg["seq"], cfg["sizes"]["vocab"], cfg["seed"] + 1, device)
@@ -148,15 +145,12 @@ def memory_child(cfg: dict) -> dict:
             opt.step()
     for _ in range(3):
         step()
-    return {"method": cfg["method"], "peak_MB": (_rss("VmHWM:") - start) / 2**20}
+    return {"method": cfg["method"], "peak_MB": (h.proc_status_bytes("VmHWM") - start) / 2**20}
 
 
 def measure_memory(cfg: dict) -> dict:
-    out = subprocess.run([sys.executable, "-m", "pylora.bench.train_joint", "--memory-child", json.dumps(cfg)],
-                         capture_output=True, text=True, env=h.child_env(), timeout=3600, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{SUITE}: the memory run of {cfg['method']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return h.run_child(["pylora.bench.train_joint", "--memory-child", json.dumps(cfg)],
+                       f"{SUITE}: the memory run of {cfg['method']}")
 
 
 COLUMNS = [("adapters", "N", "d"), ("tokens", "tokens", "d"), ("base_ms", "frozen base ms", ".0f"),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 
 import torch
@@ -84,11 +83,6 @@ def step_fn(model, opt, ids, compiled=False):
     return step
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
-
-
 def memory_child(cfg: dict) -> dict:
     """In a fresh process: the peak memory of 3 training steps of one method above the loaded model."""
     device = torch.device(cfg["device"])
@@ -107,27 +101,21 @@ def memory_child(cfg: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the high-water mark to the current resident set
-        before = _rss("VmRSS:")
+        before = h.reset_peak_rss()
     for _ in range(3):  # the first steps allocate (optimizer state, saved tensors): they count
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
     else:
-        peak = _rss("VmHWM:") - before
+        peak = h.proc_status_bytes("VmHWM") - before
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     return {"method": cfg["method"], "peak_MB": peak / 2**20, "trainable": trainable}
 
 
 def measure_memory(cfg: dict) -> dict:
-    env = h.child_env()
-    out = subprocess.run([sys.executable, "-m", "pylora.bench.train_model", "--memory-child", json.dumps(cfg)],
-                         capture_output=True, text=True, env=env, timeout=3600, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{SUITE}: the memory run of {cfg['method']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return h.run_child(["pylora.bench.train_model", "--memory-child", json.dumps(cfg)],
+                       f"{SUITE}: the memory run of {cfg['method']}")
 
 
 COLUMNS = [("compiled", "compiled", "s"), ("dropout_p", "lora_dropout", "g"), ("base_ms", "frozen base ms", ".0f"), ("pylora_ms", "pylora step ms", ".0f"),
