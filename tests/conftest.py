@@ -8,6 +8,7 @@ import torch
 
 from pylora import _ext
 from tests.helpers import HAS_CUDA
+from tests.models import QUANT_SCHEMES
 
 
 def pytest_collection_modifyitems(config, items):
@@ -89,3 +90,15 @@ def valid_adapter(tmp_path_factory):
     kind, fields = CASES["llama_q_v"]
     pylora.save_adapter(pylora_model(kind, fields), d)
     return d
+
+
+# The quantized-base tests (tests/nn/test_quantized.py, tests/serve/test_quantized_serving.py): a folder
+# per module for the tiny Llama they save, and every quantization scheme.
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-llama")
+
+
+@pytest.fixture(params=QUANT_SCHEMES)
+def scheme(request):
+    return request.param

@@ -1,5 +1,8 @@
 """What the tests share besides models and fixtures: the tolerance table, dtypes, the interpreter for
 subprocesses, and comparisons that must be able to fail (bits, relative error, untouched models)."""
+import json
+import os
+import subprocess
 import sys
 
 import torch
@@ -46,3 +49,40 @@ def assert_same(model, snap):
     assert now.keys() == tensors.keys()
     for key, before in tensors.items():
         assert now[key].dtype == before.dtype and torch.equal(bits(now[key]), bits(before)), key
+
+
+# Data-parallel tests (tests/nn/test_ddp.py, tests/serve/test_training_ddp.py): a worker script that runs
+# alone ("single") or as one of two gloo ranks ("ddp"), and counts what its all-reduce sends.
+def count_allreduced_bytes(model):
+    """Registers an all-reduce comm hook on a DDP model that records the bytes of every bucket it sends;
+    returns the list it appends to."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    sent = []
+
+    def counting_hook(state, bucket):
+        sent.append(bucket.buffer().numel() * bucket.buffer().element_size())
+        return default_hooks.allreduce_hook(state, bucket)
+
+    model.register_comm_hook(dist.group.WORLD, counting_hook)
+    return sent
+
+
+def run_single_and_ddp(script, env, tmp_path, port_offset=0):
+    """Runs `script single OUT` once, then `script ddp OUT` as two ranks over gloo; each must succeed.
+    Returns the single run's path, the ddp run's path and the JSON rank 0 wrote beside it."""
+    single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
+    proc = subprocess.run([PYTHON, str(script), "single", str(single)], env=env, timeout=600, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    procs = []
+    for rank in range(2):
+        e = dict(env, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(29500 + (os.getpid() + port_offset) % 1000))
+        procs.append(subprocess.Popen([PYTHON, str(script), "ddp", str(ddp)], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    return single, ddp, json.loads((tmp_path / "ddp.pt.json").read_text())

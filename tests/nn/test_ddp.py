@@ -2,23 +2,21 @@
 parameters cross the wire (counted with a comm hook), and the adapter equals one process trained
 on the global batch."""
 import os
-import subprocess
-import json
 import textwrap
 
 import pytest
 import torch
 
-from tests.helpers import PYTHON
+from tests.helpers import run_single_and_ddp
 
 WORKER = textwrap.dedent(r'''
     import json, os, sys
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     sys.path.insert(0, os.environ["TESTS_DIR"])
     import pylora
+    from tests.helpers import count_allreduced_bytes
     from tests.models import tiny_llama
 
     def build():
@@ -52,11 +50,7 @@ WORKER = textwrap.dedent(r'''
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group("gloo", rank=rank, world_size=world)
         model = DDP(build())
-        sent = []
-        def counting_hook(state, bucket):
-            sent.append(bucket.buffer().numel() * bucket.buffer().element_size())
-            return default_hooks.allreduce_hook(state, bucket)
-        model.register_comm_hook(dist.group.WORLD, counting_hook)
+        sent = count_allreduced_bytes(model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
         per_step = []
         for ids in batches():
@@ -79,20 +73,7 @@ def test_ddp_two_processes_gloo(tmp_path, python_env):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(python_env, TESTS_DIR=os.path.dirname(os.path.abspath(__file__)), OMP_NUM_THREADS="1")
-    single = tmp_path / "single.pt"
-    subprocess.run([PYTHON, str(script), "single", str(single)], env=env, check=True, timeout=600,
-                   capture_output=True)
-    ddp = tmp_path / "ddp.pt"
-    procs = []
-    for rank in range(2):
-        e = dict(env, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(29500 + os.getpid() % 1000))
-        procs.append(subprocess.Popen([PYTHON, str(script), "ddp", str(ddp)], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    stats = json.loads((tmp_path / "ddp.pt.json").read_text())
+    single, ddp, stats = run_single_and_ddp(script, env, tmp_path)
     # Every step all-reduces exactly the LoRA gradients: the frozen base never crosses the wire.
     assert stats["per_step"] == [stats["lora_bytes"]] * 3
     assert stats["lora_bytes"] < stats["all_bytes"] / 10

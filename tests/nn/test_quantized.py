@@ -12,7 +12,7 @@ import pylora
 from pylora.nn import quantized as quant
 from pylora.nn.kinds import factor_dtype, factor_shapes, features, module_kind, quantization
 from tests.helpers import tol
-from tests.models import QUANT_SCHEMES, copy_lora_into_peft, ids, quantized_llama, randomize_lora
+from tests.models import copy_lora_into_peft, ids, quantized_llama, randomize_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # the libraries' own chatter (casts, deprecations)
 
@@ -20,16 +20,6 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 SCHEME_OF = {"torchao-int8": "torchao", "torchao-int4": "torchao", "bnb-8bit": "bnb_int8", "bnb-4bit": "bnb_4bit"}
 WEIGHT_CLASS = {"torchao-int8": "Int8Tensor", "torchao-int4": "IntxUnpackedToInt8Tensor", "bnb-8bit": "Int8Params",
                 "bnb-4bit": "Params4bit"}
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-llama")
-
-
-@pytest.fixture(params=QUANT_SCHEMES)
-def scheme(request):
-    return request.param
 
 
 def cfg(**kw):

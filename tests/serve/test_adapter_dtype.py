@@ -38,19 +38,25 @@ def peft_way(adapter, x):
         return pm.eval()(input_ids=x).logits.float()
 
 
+def served(adapters, x, dtype):
+    """Row i of x through adapter i of a MultiLoRA over a bf16 model whose pool holds dtype (bf16 logits)."""
+    server = pylora.MultiLoRA(tiny_llama().to(torch.bfloat16), dtype=dtype)
+    for n, m in adapters.items():
+        server.load_adapter(n, m)
+    assert server.pool.modules["model.layers.0.self_attn.q_proj"].A_rows.dtype == dtype
+    out = server(input_ids=x, adapter_names=list(adapters)).logits
+    assert out.dtype == torch.bfloat16
+    return out.float()
+
+
 def test_fp32_adapters_over_bf16_are_closer_to_the_fp32_updates(adapters):
     x = ids(batch=4, seq=10, vocab=VOCAB, seed=3)
     names = list(adapters)
     expected = torch.stack([peft_way(adapters[n], x[i:i + 1])[0] for i, n in enumerate(names)])
     errors = {}
     for dtype in (torch.bfloat16, torch.float32):
-        server = pylora.MultiLoRA(tiny_llama().to(torch.bfloat16), dtype=dtype)
-        for n, m in adapters.items():
-            server.load_adapter(n, m)
-        assert server.pool.modules["model.layers.0.self_attn.q_proj"].A_rows.dtype == dtype
-        out = server(input_ids=x, adapter_names=names).logits
-        assert out.dtype == torch.bfloat16
-        errors[dtype] = float((out.float() - expected).abs().max() / expected.abs().max())
+        out = served(adapters, x, dtype)
+        errors[dtype] = float((out - expected).abs().max() / expected.abs().max())
     assert errors[torch.float32] < errors[torch.bfloat16]
     assert errors[torch.float32] < 2e-2  # bf16 activations between layers; the updates themselves in fp32
 
@@ -63,9 +69,6 @@ def test_the_errors_are_what_each_choice_promises(adapters):
     expected = torch.stack([peft_way(adapters[n], x[i:i + 1])[0] for i, n in enumerate(names)])
     agree = {}
     for dtype in (torch.bfloat16, torch.float32):
-        server = pylora.MultiLoRA(tiny_llama().to(torch.bfloat16), dtype=dtype)
-        for n, m in adapters.items():
-            server.load_adapter(n, m)
-        out = server(input_ids=x, adapter_names=names).logits.float()
+        out = served(adapters, x, dtype)
         agree[dtype] = float((out.argmax(-1) == expected.argmax(-1)).float().mean())
     assert agree[torch.float32] >= agree[torch.bfloat16] and agree[torch.float32] >= 0.9

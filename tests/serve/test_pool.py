@@ -327,14 +327,21 @@ def test_device_error_while_writing_rows_rolls_back(adapters, expected, monkeypa
 # -- interleavings held at chosen points ------------------------------------------------------------
 
 
+def hold_a_then_wait(server, names):
+    """Holds a batch of adapter a mid-forward, then starts a batch of `names` in a thread and returns
+    once that batch waits for rows: (the watched condition, the held batch, the waiting call)."""
+    cond = watched(server)
+    held = Held(server, ["a"])
+    wait = Call(lambda: logits(server, names), "waiter")
+    cond.wait_for_waiter(wait.thread)
+    return cond, held, wait
+
+
 def test_unload_of_the_wanted_adapter_fails_the_waiter_at_once(adapters, expected):
     # The waiter notices the unload when it happens, not when the held batch ends, and gives b its
     # rows back while the held batch still reads them (their data never changed).
     server, before = full_rank4(adapters)
-    cond = watched(server)
-    held = Held(server, ["a"])
-    wait = Call(lambda: logits(server, ["c"]), "waiter")
-    cond.wait_for_waiter(wait.thread)
+    _, held, wait = hold_a_then_wait(server, ["c"])
     server.unload_adapter("c")
     with pytest.raises(ValueError, match="adapter 'c' was unloaded while this batch waited"):
         wait.join()
@@ -349,10 +356,7 @@ def test_unload_of_the_wanted_adapter_fails_the_waiter_at_once(adapters, expecte
 
 def test_unload_of_a_victim_while_the_acquire_waits(adapters, expected):
     server, _ = full_rank4(adapters)
-    cond = watched(server)
-    held = Held(server, ["a"])
-    wait = Call(lambda: logits(server, ["c", "a"]), "waiter")
-    cond.wait_for_waiter(wait.thread)
+    _, held, wait = hold_a_then_wait(server, ["c", "a"])
     server.unload_adapter("b")  # the victim: its rows stay pending behind the held batch
     assert wait.thread.is_alive()
     held.release()
@@ -363,10 +367,7 @@ def test_unload_of_a_victim_while_the_acquire_waits(adapters, expected):
 
 def test_unload_of_the_victim_and_the_wanted_adapter_while_the_acquire_waits(adapters, expected):
     server, before = full_rank4(adapters)
-    cond = watched(server)
-    held = Held(server, ["a"])
-    wait = Call(lambda: logits(server, ["c"]), "waiter")
-    cond.wait_for_waiter(wait.thread)
+    _, held, wait = hold_a_then_wait(server, ["c"])
     server.unload_adapter("b")
     server.unload_adapter("c")  # the rollback has no victim left to restore
     with pytest.raises(ValueError, match="adapter 'c' was unloaded while this batch waited"):
@@ -379,10 +380,7 @@ def test_unload_of_the_victim_and_the_wanted_adapter_while_the_acquire_waits(ada
 def test_unload_of_a_resident_adapter_of_the_batch_while_it_waits(adapters, expected):
     # The batch names a (resident) and c (missing); a is unloaded while it waits: roll back.
     server, before = full_rank4(adapters)
-    cond = watched(server)
-    held = Held(server, ["a"])
-    wait = Call(lambda: logits(server, ["c", "a"]), "waiter")
-    cond.wait_for_waiter(wait.thread)
+    _, held, wait = hold_a_then_wait(server, ["c", "a"])
     server.unload_adapter("a")
     with pytest.raises(ValueError, match="adapter 'a' was unloaded while this batch waited"):
         wait.join()
@@ -393,10 +391,7 @@ def test_unload_of_a_resident_adapter_of_the_batch_while_it_waits(adapters, expe
 
 def test_pin_while_an_acquire_waits(adapters, expected):
     server, _ = full_rank4(adapters)
-    cond = watched(server)
-    held = Held(server, ["a"])
-    wait = Call(lambda: logits(server, ["c"] * 3), "waiter")
-    cond.wait_for_waiter(wait.thread)
+    cond, held, wait = hold_a_then_wait(server, ["c"] * 3)
     server.pin("a")  # resident: no residency change, no waiting
     pin_b = Call(lambda: server.pin("b"), "pin_b")  # b, the victim, is not resident: a change, so it waits
     cond.wait_for_waiter(pin_b.thread)
@@ -414,10 +409,7 @@ def test_pin_while_an_acquire_waits(adapters, expected):
 
 def test_pin_of_the_wanted_adapter_while_the_acquire_waits(adapters, expected):
     server, _ = full_rank4(adapters)
-    cond = watched(server)
-    held = Held(server, ["a"])
-    wait = Call(lambda: logits(server, ["c"] * 3), "waiter")
-    cond.wait_for_waiter(wait.thread)
+    cond, held, wait = hold_a_then_wait(server, ["c"] * 3)
     pin_c = Call(lambda: server.pin("c"), "pin_c")
     cond.wait_for_waiter(pin_c.thread)
     held.release()

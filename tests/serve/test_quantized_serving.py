@@ -6,7 +6,7 @@ import torch
 
 import pylora
 from tests.helpers import rel_err, tol
-from tests.models import QUANT_SCHEMES, ids, quantized_llama, randomize_lora
+from tests.models import ids, quantized_llama, randomize_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # the libraries' own chatter (casts, deprecations)
 
@@ -15,16 +15,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")  # the libraries' own chatter 
 # in another order (~1e-7 apart). bitsandbytes' 4-bit CPU kernel (AVX512-BF16, inference) rounds its
 # input to bfloat16, where so small a difference can move a value by one bfloat16 step.
 ROW_TOL = {"torchao-int8": 1e-5, "torchao-int4": 1e-5, "bnb-8bit": 1e-5, "bnb-4bit": 1e-3}
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-llama")
-
-
-@pytest.fixture(params=QUANT_SCHEMES)
-def scheme(request):
-    return request.param
 
 
 def trained(scheme, llama_dir, targets, seed, directory):

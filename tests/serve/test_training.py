@@ -129,9 +129,8 @@ def snapshot(server, name):
             for m in adapter.modules_}
 
 
-def train_alone_pylora(kind, directory, name, steps, opt_name="sgd"):
-    model = pylora.load_adapter(BUILD[kind](), directory)
-    pylora.mark_only_lora_trainable(model)
+def train_alone(model, name, steps, opt_name):
+    """Trains one adapter's model (pylora's or PEFT's) on that adapter's rows alone."""
     model.train()
     opt = OPTIMIZERS[opt_name]([{"params": [p for p in model.parameters() if p.requires_grad], "lr": LR[name]}])
     for step in range(steps):
@@ -140,6 +139,12 @@ def train_alone_pylora(kind, directory, name, steps, opt_name="sgd"):
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def train_alone_pylora(kind, directory, name, steps, opt_name="sgd"):
+    model = pylora.load_adapter(BUILD[kind](), directory)
+    pylora.mark_only_lora_trainable(model)
+    train_alone(model, name, steps, opt_name)
     return {n: (layer.lora_A.detach(), layer.lora_B.detach()) for n, layer in pylora.lora_layers(model)}
 
 
@@ -147,14 +152,7 @@ def train_alone_peft(kind, directory, name, steps, opt_name="sgd"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(BUILD[kind](), str(directory), is_trainable=True)
-    pm.train()
-    opt = OPTIMIZERS[opt_name]([{"params": [p for p in pm.parameters() if p.requires_grad], "lr": LR[name]}])
-    for step in range(steps):
-        ids = rows(name, step)
-        loss = pm(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_alone(pm, name, steps, opt_name)
     out = {}
     for n, module in pm.base_model.model.named_modules():
         if isinstance(module, peft.tuners.lora.LoraLayer):

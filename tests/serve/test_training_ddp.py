@@ -1,24 +1,22 @@
 """Joint training under DistributedDataParallel: 2 processes over gloo, each its own rows of every
 adapter; only the adapters' gradients cross the wire (counted with a comm hook), and every adapter equals
 one process training jointly on the global batch."""
-import json
 import os
-import subprocess
 import textwrap
 
 import pytest
 import torch
 
-from tests.helpers import PYTHON
+from tests.helpers import run_single_and_ddp
 
 WORKER = textwrap.dedent(r'''
     import json, os, sys
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     sys.path.insert(0, os.environ["ROOT"])
     import pylora
+    from tests.helpers import count_allreduced_bytes
     from tests.models import llama
 
     NAMES = ("a", "b", "c")
@@ -57,11 +55,7 @@ WORKER = textwrap.dedent(r'''
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group("gloo", rank=rank, world_size=world)
         model = DDP(build())
-        sent = []
-        def counting_hook(state, bucket):
-            sent.append(bucket.buffer().numel() * bucket.buffer().element_size())
-            return default_hooks.allreduce_hook(state, bucket)
-        model.register_comm_hook(dist.group.WORLD, counting_hook)
+        sent = count_allreduced_bytes(model)
         opt = torch.optim.SGD([{"params": model.module.adapter_parameters(n)} for n in NAMES], lr=0.5)
         per_step = []
         for ids, names in batches():
@@ -88,21 +82,7 @@ def test_joint_training_under_ddp_two_processes_gloo(tmp_path, python_env):
     script.write_text(WORKER)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(python_env, ROOT=root, OMP_NUM_THREADS="1")
-    single = tmp_path / "single.pt"
-    proc = subprocess.run([PYTHON, str(script), "single", str(single)], env=env, timeout=600, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = tmp_path / "ddp.pt"
-    procs = []
-    for rank in range(2):
-        e = dict(env, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(29500 + (os.getpid() + 7) % 1000))
-        procs.append(subprocess.Popen([PYTHON, str(script), "ddp", str(ddp)], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    stats = json.loads((tmp_path / "ddp.pt.json").read_text())
+    single, ddp, stats = run_single_and_ddp(script, env, tmp_path, port_offset=7)
     # Every step all-reduces exactly the adapters' gradients: the frozen base never crosses the wire.
     assert stats["per_step"] == [stats["trainable"]] * 3
     assert stats["all"] - stats["trainable"] > stats["trainable"]  # the base, larger, never sent
