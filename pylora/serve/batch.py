@@ -16,6 +16,14 @@ import torch
 from pylora.ops import reference as ref
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (a plan, a table) on `device`: itself on the CPU, else copied once from pinned memory
+    without waiting."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _as_int64(name: str, v) -> torch.Tensor:
     t = torch.as_tensor(v)
     if t.dim() != 1:

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pylora.serve.batch import to_device
+
 
 @dataclass
 class HostAdapter:
@@ -443,9 +445,9 @@ class AdapterPool:
                 row_ptr.append(row_ptr[-1] + c)
             row_idx = [r for s in range(N) for r in slot_rows.get(s, ())]
             tables[m] = ModuleTables(
-                row_ptr=_to_device(torch.tensor(row_ptr, dtype=torch.int32), self.device),
-                row_idx=_to_device(torch.tensor(row_idx, dtype=torch.int32), self.device),
-                scales=_to_device(torch.tensor(scales, dtype=torch.float32), self.device),
+                row_ptr=to_device(torch.tensor(row_ptr, dtype=torch.int32), self.device),
+                row_idx=to_device(torch.tensor(row_idx, dtype=torch.int32), self.device),
+                scales=to_device(torch.tensor(scales, dtype=torch.float32), self.device),
                 slot_rows=slot_rows)
         return Snapshot(version=next(self._versions), slots={n: a.slot for n, a in resident.items()}, tables=tables)
 
@@ -517,8 +519,3 @@ def _partition(what: str, owners: list, count: int) -> list:
         problems.append(f"{what}s {lost} are neither free, pending nor owned (leaked)")
     return problems
 
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)

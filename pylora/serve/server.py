@@ -48,7 +48,7 @@ from pylora.nn.inject import plain_modules, plain_state, set_module, target_name
 from pylora.nn.kinds import features, module_kind
 from pylora.nn.layers import LoraLayer
 from pylora.nn.targets import with_default_targets
-from pylora.serve.batch import segments
+from pylora.serve.batch import segments, to_device
 from pylora.serve.pool import AdapterPool, AdapterUnloaded, HostAdapter, ModulePool
 from pylora.serve.training import TrainableAdapter, adapter_seed, draw_seed, module_draw
 
@@ -89,10 +89,7 @@ class _Batch:
             if tokens % rows:
                 raise ValueError(f"MultiLoRA: {tokens} tokens do not split into {rows} rows")
             seg_ptr, seg_slot = segments(self.slots_for(rows), tokens // rows, self.num_slots)
-            if device.type != "cpu":
-                seg_ptr = seg_ptr.pin_memory().to(device, non_blocking=True)
-                seg_slot = seg_slot.pin_memory().to(device, non_blocking=True)
-            plan = self._plans[key] = (seg_ptr, seg_slot)
+            plan = self._plans[key] = (to_device(seg_ptr, device), to_device(seg_slot, device))
         return plan
 
     def token_groups(self, rows: int, tokens: int, device, names: tuple) -> tuple:
@@ -109,10 +106,7 @@ class _Batch:
                     if n == name:
                         idx.extend(range(r * L, (r + 1) * L))
                 tok_ptr.append(len(idx))
-            tok_idx = torch.tensor(idx, dtype=torch.int64)
-            if device.type != "cpu":
-                tok_idx = tok_idx.pin_memory().to(device, non_blocking=True)
-            groups = self._plans[key] = (tok_ptr, tok_idx)
+            groups = self._plans[key] = (tok_ptr, to_device(torch.tensor(idx, dtype=torch.int64), device))
         return groups
 
 
@@ -149,25 +143,28 @@ class ServedLayer(nn.Module):
             if tables is not None and tables.slot_rows:
                 y = self._add_lora(x, y, batch, tables)
         if batch.trainable:
-            present = [a for a in batch.trainable.values() if a.of(self.name) is not None]
+            present = [(a, f) for a in batch.trainable.values() for f in (a.of(self.name),) if f is not None]
             if present:
                 y = self._add_trainable(x, y, batch, present)
         return y
 
     def _add_trainable(self, x, y, batch, present):
-        """The rows of trainable adapters: lora_multi over their own parameters (differentiable)."""
+        """The rows of trainable adapters: lora_multi over their own parameters (differentiable). present:
+        (adapter, its factors in this module) pairs."""
         x2 = x.reshape(-1, x.shape[-1])
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x2.dtype
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        names = tuple(a.name for a in present)
+        names = tuple(a.name for a, _ in present)
         tok_ptr, tok_idx = batch.token_groups(x.shape[0], x2.shape[0], x.device, names)
-        factors = [a.of(self.name) for a in present]
-        draw = module_draw(batch.step_draw, self.name)
-        delta = ops.lora_multi(x2, [f.lora_A.to(dtype) for f in factors], [f.lora_B.to(dtype) for f in factors],
-                               [a.scales[self.name] for a in present], tok_ptr, tok_idx,
-                               dropout_p=[a.dropout_p if batch.dropout else 0.0 for a in present],
-                               seeds=[adapter_seed(draw, a.salt) for a in present], check=False)
+        ps = seeds = None  # no dropout outside a training batch: lora_multi's defaults
+        if batch.dropout:
+            draw = module_draw(batch.step_draw, self.name)
+            ps = [a.dropout_p for a, _ in present]
+            seeds = [adapter_seed(draw, a.salt) for a, _ in present]
+        delta = ops.lora_multi(x2, [f.lora_A.to(dtype) for _, f in present], [f.lora_B.to(dtype) for _, f in present],
+                               [a.scales[self.name] for a, _ in present], tok_ptr, tok_idx, dropout_p=ps, seeds=seeds,
+                               check=False)
         return y + delta.view(*y.shape[:-1], delta.shape[-1]).to(y.dtype)
 
     def _add_lora(self, x, y, batch, tables):
@@ -467,7 +464,10 @@ class MultiLoRA(nn.Module):
 
     def pin(self, name: str) -> None:
         """Keep an adapter resident on the device (never evicted). Making it resident may evict others,
-        or raise PoolFullError when it cannot fit beside the pinned ones; then nothing changed."""
+        or raise PoolFullError when it cannot fit beside the pinned ones; then nothing changed. A trainable
+        adapter is resident while it is loaded: pinning or unpinning it changes nothing."""
+        if self._trainable(name) is not None:
+            return
         self._known(name, "pin")
         try:
             self.pool.pin(name, True)
@@ -478,6 +478,8 @@ class MultiLoRA(nn.Module):
             raise
 
     def unpin(self, name: str) -> None:
+        if self._trainable(name) is not None:
+            return
         self._known(name, "unpin")
         try:
             self.pool.pin(name, False)
@@ -558,14 +560,14 @@ class MultiLoRA(nn.Module):
         for i, n in enumerate(names):
             if n is None:
                 continue
-            adapter = self._trainable(n)
-            if adapter is not None:
-                trainable[n] = adapter
-            elif n not in self.pool.adapters:
+            if n in self.pool.adapters:  # serving; a name is in the pool or trainable, never both
+                wanted.add(n)
+                continue
+            adapter = self._trainable(n) if self.trainable_adapters else None
+            if adapter is None:
                 raise ValueError(f"MultiLoRA: adapter_names[{i}]={n!r} is not loaded "
                                  f"(loaded: {', '.join(self.adapters) or 'none'})")
-            else:
-                wanted.add(n)
+            trainable[n] = adapter
         if training and trainable and wanted:
             i, n = next((i, n) for i, n in enumerate(names) if n in wanted)
             raise ValueError(f"MultiLoRA: adapter_names[{i}]={n!r} is not trainable, and this is a training batch "

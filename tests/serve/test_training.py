@@ -369,3 +369,16 @@ def test_per_adapter_loss_is_the_sum_of_each_adapters_mean():
     assert torch.allclose(total, parts["x"] + parts["y"])
     with pytest.raises(ValueError, match=r"adapter_names='x' must be a sequence"):
         per_adapter_loss(logits, labels, "x")
+
+
+def test_pin_and_unpin_leave_a_trainable_adapter_as_it_is():
+    """A trainable adapter is resident while loaded: pin and unpin change nothing and do not raise; an
+    unknown name is still refused by name."""
+    server = pylora.MultiLoRA(llama())
+    server.add_adapter("carol", pylora.LoraConfig(r=2, target_modules=["q_proj"]))
+    server.pin("carol")
+    server.unpin("carol")
+    assert server.resident_adapters() == ["carol"] and server.adapters == ["carol"]
+    for call in (server.pin, server.unpin):
+        with pytest.raises(KeyError, match="no adapter named 'dave' is loaded"):
+            call("dave")
