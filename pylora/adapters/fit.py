@@ -68,12 +68,6 @@ def beyond_range(af: Adapter, name: str, suffix: str, dtype: torch.dtype) -> str
             f"the dtype of {name}'s LoRA factors; expected values it can hold")
 
 
-def lora_dtype_for(module: nn.Module) -> torch.dtype:
-    """The dtype of a LoRA layer's factors over `module` (LoraLayer's rule, pylora.nn.kinds.factor_dtype):
-    float32 over a half-precision or quantized base, else the base's dtype."""
-    return factor_dtype(module)
-
-
 def _weight_shape(module: nn.Module) -> str:
     """The module's weight shape for messages; a quantized weight's logical [O, I] (a packed 4-bit weight
     has another storage shape)."""
@@ -101,7 +95,7 @@ def fit(adapter: Adapter, model: nn.Module, *, strict: bool = True,
     Semantics: every module the adapter holds factors for exists in the model, is a target of its config
     and has the kind and shapes the factors need; every target has factors (strict=True); every extra
     tensor is a tensor of the model with its shape; every tensor the config saves is present; each value
-    fits the dtype it will be stored in (`lora_dtype`, or per module lora_dtype_for(module), for the
+    fits the dtype it will be stored in (`lora_dtype`, or per module pylora.nn.kinds.factor_dtype(module), for the
     factors; the model's dtype for extras). strict=False turns unexpected and missing keys into notes.
     Raises AdapterError listing every problem; never changes the model.
     """
@@ -175,7 +169,7 @@ def _fit(af: Adapter, model: nn.Module, strict: bool, lora_dtype: Optional[torch
                 problems.append(f"{wf}: key {prefix}{name}.{ROLE_SUFFIX[family, role]}: shape {shape(t)} does not "
                                 f"fit {model_name}.{name} ({type(module).__name__}, {_weight_shape(module)}): "
                                 f"expected {list(expected[role])}")
-        dtype = lora_dtype or lora_dtype_for(module)
+        dtype = lora_dtype or factor_dtype(module)
         for role, t in (("A", mw.lora_A), ("B", mw.lora_B), ("B_bias", mw.lora_B_bias)):
             if ok and t is not None and t.dtype != dtype and not bool(torch.isfinite(t.to(dtype)).all()):
                 ok = False

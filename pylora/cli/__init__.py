@@ -7,12 +7,12 @@ import importlib
 import os
 import sys
 
+from pylora.bench import GROUPS, SUITES
+
 # pylora.checkpoint.OUT_DTYPES' names, here without importing torch before the arguments are parsed.
 OUT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
-# pylora.bench's GROUPS and SUITES, here without importing torch before the arguments are parsed
-# (tests/bench/test_suites.py checks that the two agree).
-BENCH_SUITES = ("all", "merge", "train", "multi", "checkpoint", "train-layer", "train-model", "train-joint",
-                "multi-kernel", "multi-model", "merge-checkpoint")
+# The suite names `pylora bench` takes; pylora.bench imports nothing heavy (no torch) to say them.
+BENCH_SUITES = tuple(dict.fromkeys(("all", *GROUPS, *SUITES)))
 
 
 class _Parser(argparse.ArgumentParser):

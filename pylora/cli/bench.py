@@ -20,7 +20,6 @@ import sys
 
 from pylora.bench import GROUPS, SUITES, harness
 
-_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 EXIT_SANITY, EXIT_MISSING = harness.EXIT_SANITY, harness.EXIT_MISSING
 
 
@@ -40,11 +39,11 @@ def _speedups(suite: str, data: dict) -> tuple[list[str], list[float], str]:
     users would otherwise use, per case."""
     rows = data.get("rows") or []
     if suite == "merge":
-        return ([f"{r['shape']} {_SHORT.get(r['dtype'], r['dtype'])} r{r['r']} u{r['rel']:g}" for r in rows],
+        return ([f"{r['shape']} {harness.SHORT.get(r['dtype'], r['dtype'])} r{r['r']} u{r['rel']:g}" for r in rows],
                 [r["vs_careful"] for r in rows], "merge: careful fp32 time / pylora time")
     if suite == "train-layer":
         rows = [r for r in rows if r.get("peft_extra_ms") and r.get("pylora_extra_ms")]
-        return ([f"{_SHORT.get(r['dtype'], r['dtype'])} r{r['r']} p{r['dropout_p']:g}" for r in rows],
+        return ([f"{harness.SHORT.get(r['dtype'], r['dtype'])} r{r['r']} p{r['dropout_p']:g}" for r in rows],
                 [r["peft_extra_ms"] / max(r["pylora_extra_ms"], 1e-9) for r in rows],
                 "train (layer): PEFT's LoRA cost / pylora's")
     if suite == "train-model":

@@ -92,15 +92,21 @@ def train_jointly(base, vocab, args, device, progress):
     gens = {t: torch.Generator().manual_seed(i) for i, t in enumerate(TASKS)}
     curves = {t: [] for t in TASKS}
     for _ in tqdm(range(args.steps), desc="train jointly", disable=not progress, leave=False):
-        seq, labels, names = task_batch(TASKS, vocab, gens, device)
-        logits = server(input_ids=seq, adapter_names=names).logits
-        loss, per_task = pylora.per_adapter_loss(logits, labels, names)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        per_task = joint_step(server, opt, task_batch(TASKS, vocab, gens, device))
         for t, v in per_task.items():
             curves[t].append(v.item())
     return server.eval(), curves
+
+
+def joint_step(server, opt, batch):
+    """One optimizer step of every adapter over a batch (rows, labels, each row's adapter): the sum over
+    adapters of each one's mean token loss. Returns each adapter's loss."""
+    seq, labels, names = batch
+    loss, per_task = pylora.per_adapter_loss(server(input_ids=seq, adapter_names=names).logits, labels, names)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return per_task
 
 
 def joint_vs_sequential(base, vocab, device, steps):
@@ -119,11 +125,7 @@ def joint_vs_sequential(base, vocab, device, steps):
     batches = [task_batch(TASKS, vocab, gens, device) for _ in range(steps + 1)]
 
     def joint(b):
-        seq, labels, names = b
-        loss, _ = pylora.per_adapter_loss(server(input_ids=seq, adapter_names=names).logits, labels, names)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        joint_step(server, opt, b)
 
     def sequential(b):
         seq, labels, names = b

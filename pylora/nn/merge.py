@@ -31,9 +31,10 @@ def merge(model: nn.Module, dequantize: bool = False, record: bool = True) -> nn
                 layer.check_mergeable(dequantize)
             except ValueError as exc:
                 raise _named_error(name, exc) from None
-    pending = [(name, layer) for name, layer in lora_layers(model) if not layer.merged]
-    unrecorded = [(n, layer) for n, layer in pending if layer.merge_cannot_fail()] if not record else []
-    recorded = [(n, layer) for n, layer in pending if all(layer is not u for _, u in unrecorded)]
+    recorded, unrecorded = [], []
+    for name, layer in lora_layers(model):
+        if not layer.merged:
+            (unrecorded if not record and layer.merge_cannot_fail() else recorded).append((name, layer))
     done = []
     try:
         for name, layer in recorded:

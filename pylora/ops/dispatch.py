@@ -37,12 +37,12 @@ def backend(op: str, device: torch.device | str) -> str:
     return "reference"
 
 
-def impl(op: str, device: torch.device | str | None = None):
+def impl(op: str):
     """The callable that runs `op`: torch.ops.pylora.<op>, whose dispatcher picks the compiled kernel for
     the tensors' device or, on a device without one, the reference (registered as the op's fallback
     below); the reference itself when the extension is not loaded or reference_mode() is on.
     No per-call question to the dispatcher, so torch.compile traces the op (via its fake) with no
-    graph break. `device` is accepted for callers that name it; the dispatcher decides."""
+    graph break."""
     if not _ext.loaded or (not torch.compiler.is_compiling() and _force_reference.get()):
         return getattr(ref, op)
     return getattr(torch.ops.pylora, op)

@@ -39,7 +39,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     seed = (draw_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)) if seed is None else as_seed(seed)
     flat = x.dim() >= 1 and x.dim() != 2
     x2 = x.reshape(-1, x.shape[-1]) if flat else x
-    y, _ = impl("lora_linear", x.device)(x2, weight, bias, lora_A, lora_B, float(scale), dropout_p, seed,
+    y, _ = impl("lora_linear")(x2, weight, bias, lora_A, lora_B, float(scale), dropout_p, seed,
                                           bool(fan_in_fan_out))
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
 
@@ -55,7 +55,7 @@ def lora_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Te
     Shapes: grad_y [T, O], x [T, I], h [T, r] (the forward's), others as in lora_linear.
     Returns (grad_x, grad_weight, grad_bias, grad_A, grad_B); an unrequested one is an empty tensor.
     """
-    return impl("lora_linear_backward", x.device)(grad_y, x, weight, lora_A, lora_B, h, float(scale),
+    return impl("lora_linear_backward")(grad_y, x, weight, lora_A, lora_B, h, float(scale),
                                                    float(dropout_p), as_seed(seed), bool(fan_in_fan_out),
                                                    [bool(m) for m in output_mask])
 

@@ -56,7 +56,7 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     same merged weight and None (no record is built: a merge that is never undone, such as
     merge_and_unload or merging a checkpoint, skips that work).
     """
-    out = impl("merge_", weight.device)(weight, lora_A, lora_B, float(scale), bool(fan_in_fan_out), bool(record))
+    out = impl("merge_")(weight, lora_A, lora_B, float(scale), bool(fan_in_fan_out), bool(record))
     return MergeRecord(*out) if record else None
 
 
@@ -68,7 +68,7 @@ def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
     that returned `record`. Same shapes as merge_; the record must come from that merge (its size and
     indices are checked, ValueError otherwise, before anything is written).
     """
-    impl("unmerge_", weight.device)(weight, lora_A, lora_B, float(scale), bool(fan_in_fan_out),
+    impl("unmerge_")(weight, lora_A, lora_B, float(scale), bool(fan_in_fan_out),
                                      *record.tensors())
 
 

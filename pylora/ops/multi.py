@@ -38,7 +38,7 @@ def lora_multi(x: torch.Tensor, lora_A: Sequence[torch.Tensor], lora_B: Sequence
     x2 = x.reshape(-1, x.shape[-1]) if flat else x
     if check and tok_idx.device.type != "cpu":
         ref.check_lora_multi_tokens(tok_idx, x2.shape[0])
-    y, _ = impl("lora_multi", x2.device)(x2, list(lora_A), list(lora_B), scales, dropout_p, seeds, tok_ptr, tok_idx)
+    y, _ = impl("lora_multi")(x2, list(lora_A), list(lora_B), scales, dropout_p, seeds, tok_ptr, tok_idx)
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
 
 

@@ -125,7 +125,7 @@ def test_dropout_mask_exact_in_h(backend, device, dtype, p):
     W = torch.randn(5, I, dtype=dtype, device=device)
     B = torch.randn(5, I, dtype=dtype, device=device)
     seed = 0x1234_5678_9ABC
-    _, h = dispatch.impl("lora_linear", device)(x, W, None, A, B, 1.0, p, as_seed(seed), False)
+    _, h = dispatch.impl("lora_linear")(x, W, None, A, B, 1.0, p, as_seed(seed), False)
     keep = ref.dropout_keep(seed, T, I, p, device)
     expected = torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=dtype, device=device))
     assert torch.equal(h, expected)
@@ -150,7 +150,7 @@ def test_dropout_mask_exact_in_backward(backend, device, dtype):
     keep = ref.dropout_keep(seed, N, N, p, dev)
     inv = 1.0 / (1.0 - p)
     zero = torch.zeros((), dtype=dtype, device=dev)
-    _, h = dispatch.impl("lora_linear", dev)(x, W, None, eye, eye, s, p, as_seed(seed), False)
+    _, h = dispatch.impl("lora_linear")(x, W, None, eye, eye, s, p, as_seed(seed), False)
     grad_y = torch.randn(N, N, dtype=dtype, device=dev)
     gx = ops.lora_linear_backward(grad_y, x, W, eye, eye, h, s, p, seed, output_mask=(1, 0, 0, 0, 0))[0]
     assert torch.equal(gx, torch.where(keep, (grad_y * s) * inv, zero))
@@ -432,7 +432,7 @@ def test_forward_bad_arguments_named(backend, device, case):
     _, mutate, pattern = case
     a = mutate(_args(device))
     snap = _snapshot(a)
-    impl = dispatch.impl("lora_linear", device)
+    impl = dispatch.impl("lora_linear")
     with pytest.raises(ValueError, match=pattern):
         impl(*(a[k] for k in _FWD_ORDER))
     assert _unchanged(a, snap)
@@ -470,7 +470,7 @@ def test_backward_bad_arguments_named(backend, device, case):
     _, mutate, pattern = case
     a = mutate(_bwd_args(device))
     snap = _snapshot(a)
-    impl = dispatch.impl("lora_linear_backward", device)
+    impl = dispatch.impl("lora_linear_backward")
     with pytest.raises(ValueError, match=pattern):
         impl(*(a[k] for k in _BWD_ORDER))
     assert _unchanged(a, snap)

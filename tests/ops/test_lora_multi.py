@@ -100,11 +100,11 @@ def test_each_adapter_is_lora_linear_over_its_own_tokens(backend, device, p):
     x, As, Bs, tok_ptr, tok_idx, groups = make(T, I, O, ranks, torch.float32, device, seed=4)
     seeds = [101, 202, 303]
     with ops.reference_mode(backend == "reference"):
-        impl = ops.dispatch.impl("lora_multi", torch.device(device))
+        impl = ops.dispatch.impl("lora_multi")
         y, hs = impl(x, As, Bs, [1.5, 2.0, 0.5], [p] * 3, seeds, tok_ptr, tok_idx)
         for k, grp in enumerate(groups):
             xk = x[grp]
-            yk, hk = ops.dispatch.impl("lora_linear", torch.device(device))(
+            yk, hk = ops.dispatch.impl("lora_linear")(
                 xk, torch.zeros(O, I, device=device), None, As[k], Bs[k], [1.5, 2.0, 0.5][k], p,
                 torch.tensor(seeds[k]), False)
             assert torch.equal(bits(hs[k]), bits(hk)), k
