@@ -95,8 +95,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lora_multi_forward(const std::ve
                                                                    MaskedShrinkFn masked_shrink) {
   // Registered at a backend key below the op's own autograd: the ATen calls inside are not recorded.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  // Every row is written by its adapter's group; zero-filled first only when some token has none.
-  const bool all_covered = tok_ptr.back() == x.size(0);
+  // Every row is written by its adapter's group; zero-filled first when some token has none, or when
+  // tok_idx's contents were not checked (not on the CPU), so that no row is left unwritten.
+  const bool all_covered = tok_ptr.back() == x.size(0) && tok_idx.device().is_cpu();
   at::Tensor y = all_covered ? at::empty({x.size(0), pbs[0].O}, x.options())
                              : at::zeros({x.size(0), pbs[0].O}, x.options());
   std::vector<at::Tensor> hs;
@@ -150,7 +151,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_mu
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool need_x = output_mask[0], need_A = output_mask[1], need_B = output_mask[2];
   const auto none = [&] { return at::empty({0}, x.options()); };
-  const bool all_covered = tok_ptr.back() == T;  // then every row of grad_x is written by its group
+  // Then every row of grad_x is written by its group (tok_idx checked: on the CPU).
+  const bool all_covered = tok_ptr.back() == T && tok_idx.device().is_cpu();
   at::Tensor grad_x = !need_x      ? none()
                       : all_covered ? at::empty({T, x.size(1)}, x.options())
                                     : at::zeros({T, x.size(1)}, x.options());

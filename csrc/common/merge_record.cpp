@@ -38,6 +38,9 @@ void check_record_layout(const char* op, const MergeProblem& mp, const at::Tenso
     TORCH_CHECK_VALUE(t.scalar_type() == dt, op, ": ", name, ".dtype=", dtype_name(t.scalar_type()), " must be ",
                       dtype_name(dt));
     TORCH_CHECK_VALUE(t.device() == dev, op, ": ", name, ".device=", t.device(), " must equal weight.device=", dev);
+    // The kernels read the record through its data pointer.
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got a view with stride ", t.stride(0),
+                      " (pass ", name, ".contiguous())");
   };
   check_1d(counts, "counts", at::kShort);
   check_1d(entries, "entries", at::kShort);

@@ -69,7 +69,7 @@ def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
     indices are checked, ValueError otherwise, before anything is written).
     """
     impl("unmerge_")(weight, lora_A, lora_B, float(scale), bool(fan_in_fan_out),
-                                     *record.tensors())
+                     *(t.contiguous() for t in record.tensors()))  # the op reads the record as laid out
 
 
 def merge_cannot_overflow(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> bool:

@@ -266,6 +266,9 @@ def _check_record(op, mp, counts, entries, esc_index, esc_value):
             raise _value_error(op, f"{name}.dtype={_dtype_name(t.dtype)} must be {_dtype_name(dt)}")
         if t.device != dev:
             raise _value_error(op, f"{name}.device={t.device} must equal weight.device={dev}")
+        if not t.is_contiguous():  # as the kernels, which read the record through its data pointer
+            raise _value_error(op, f"{name} must be contiguous, got a view with stride {t.stride(0)} "
+                                   f"(pass {name}.contiguous())")
     if counts.numel() != mp.P * mp.nb:
         raise _value_error(op, f"counts.numel()={counts.numel()} must equal the weight's record chunks "
                                f"P*ceil(Q/{CHUNK})={mp.P * mp.nb} (the record belongs to a weight of another "

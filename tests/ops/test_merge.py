@@ -256,6 +256,7 @@ def test_bad_arguments_named_and_nothing_written(backend, device, case):
 
 def test_bad_records_refused_before_writing(backend, device):
     W, A, B = make(12, 10, 4, torch.bfloat16, torch.float32, device, delta_scale=1.0)
+    W0 = bits(W)
     rec = ops.merge_(W, A, B, 2.0)
     assert rec.corrections > 0
     W_merged = bits(W)
@@ -279,6 +280,16 @@ def test_bad_records_refused_before_writing(backend, device):
     with pytest.raises(ValueError, match=r"weight\.shape=\[12, 10\] must equal \[I, O\]"):
         ops.unmerge_(W, A, B, 2.0, rec, fan_in_fan_out=True)
     assert torch.equal(bits(W), W_merged)
+    # The op itself reads the record as laid out: a strided view is refused by name; ops.unmerge_ passes
+    # contiguous tensors, so a view given to it works.
+    strided = torch.stack([t[1], t[1]], 1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, t[1])
+    with ops.reference_mode(backend == "reference"):
+        with pytest.raises(ValueError, match=r"unmerge_: entries must be contiguous, got a view with stride 2"):
+            ops.dispatch.impl("unmerge_")(W, A, B, 2.0, False, t[0], strided, t[2], t[3])
+        assert torch.equal(bits(W), W_merged)
+        ops.unmerge_(W, A, B, 2.0, ops.MergeRecord(t[0], strided, *t[2:]))
+    assert torch.equal(bits(W), W0)
 
 
 @pytest.mark.cuda
